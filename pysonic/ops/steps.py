@@ -1,0 +1,93 @@
+"""Per-step sampler updates: ``flow_step`` (rectified flow, CFG) and ``diffusion_step`` (DDPM-style).
+
+Both are one fused, memory-bound pass; samplers call them once per step.
+"""
+from __future__ import annotations
+
+import torch
+
+from pysonic.ops import _checks, reference
+from pysonic.ops._backends import resolve
+
+
+def flow_step(x, v_cond, v_uncond=None, dt: float = 0.0, guidance_scale: float = 1.0, *, backend: str = "auto"):
+    """Euler step of a (guided) flow: ``x + dt * (v_uncond + guidance_scale * (v_cond - v_uncond))``.
+
+    Args:
+        x: current sample, any shape, float32/bfloat16/float16.
+        v_cond: conditional velocity, same shape and dtype as ``x``.
+        v_uncond: unconditional velocity, or None for ``x + dt * v_cond``.
+        dt: step size (negative when integrating from noise at t=1 to data at t=0).
+        guidance_scale: classifier-free guidance weight.
+        backend: "auto", "cpp", "cuda", "triton" or "reference".
+
+    Returns:
+        The updated sample, same shape and dtype as ``x`` (contiguous).
+    """
+    op = "flow_step"
+    _checks.tensor(op, "x", x, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor(op, "v_cond", v_cond)
+    if v_uncond is not None:
+        _checks.tensor(op, "v_uncond", v_uncond)
+    device = _checks.same_device(op, x=x, v_cond=v_cond, v_uncond=v_uncond)
+    _checks.same_dtype(op, x=x, v_cond=v_cond, v_uncond=v_uncond)
+    _checks.same_shape(op, x=x, v_cond=v_cond, v_uncond=v_uncond)
+    dt, guidance_scale = float(dt), float(guidance_scale)
+    chosen = resolve(op, backend, device)
+    if chosen == "reference":
+        return reference.flow_step(x, v_cond, v_uncond, dt, guidance_scale)
+    if chosen == "triton":
+        from pysonic.ops import _triton
+
+        return _triton.get(op)(x, v_cond, v_uncond, dt, guidance_scale)
+    return torch.ops.pysonic.flow_step(x, v_cond, v_uncond, dt, guidance_scale)
+
+
+def _coefficient(op, name, value, x):
+    """A float or [B] tensor -> float32 [B] tensor on x's device."""
+    batch = x.shape[0]
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 1 or value.numel() not in (1, batch):
+            raise ValueError(f"{op}: {name} must be a float or a tensor of shape [B] = [{batch}], got shape {tuple(value.shape)}")
+        if value.device != x.device:
+            raise ValueError(f"{op}: {name} is on {value.device} but x is on {x.device}")
+        return value.to(torch.float32).reshape(-1).expand(batch)
+    return torch.full((batch,), float(value), dtype=torch.float32, device=x.device)
+
+
+def diffusion_step(x, eps, noise=None, c1=1.0, c2=0.0, sigma=0.0, *, clip: float | None = None, backend: str = "auto"):
+    """One reverse-diffusion update: ``c1 * (x - c2 * eps) + sigma * noise``, clamped when ``clip`` is set.
+
+    Args:
+        x: current sample [B, ...], float32/bfloat16/float16.
+        eps: predicted noise, same shape and dtype as ``x``.
+        noise: fresh Gaussian noise like ``x``, or None (sigma treated as 0).
+        c1, c2, sigma: Python floats or float tensors of shape [B] (items may be at different steps).
+        clip: clamp the result to [-clip, clip] (e.g. 1.0 for waveforms), or None.
+        backend: "auto", "cpp", "cuda", "triton" or "reference".
+
+    Returns:
+        The updated sample, same shape and dtype as ``x`` (contiguous).
+    """
+    op = "diffusion_step"
+    _checks.tensor(op, "x", x, dtypes=_checks.FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have a batch dimension, got a scalar")
+    _checks.tensor(op, "eps", eps)
+    if noise is not None:
+        _checks.tensor(op, "noise", noise)
+    device = _checks.same_device(op, x=x, eps=eps, noise=noise)
+    _checks.same_dtype(op, x=x, eps=eps, noise=noise)
+    _checks.same_shape(op, x=x, eps=eps, noise=noise)
+    if clip is not None and not clip >= 0:
+        raise ValueError(f"{op}: clip must be a number >= 0, got {clip}")
+    chosen = resolve(op, backend, device)
+    if chosen == "reference":
+        return reference.diffusion_step(x, eps, noise, c1, c2, sigma, clip)
+    c1, c2, sigma = (_coefficient(op, n, c, x) for n, c in (("c1", c1), ("c2", c2), ("sigma", sigma)))
+    args = (x, eps, noise, c1, c2, sigma, None if clip is None else float(clip))
+    if chosen == "triton":
+        from pysonic.ops import _triton
+
+        return _triton.get(op)(*args)
+    return torch.ops.pysonic.diffusion_step(*args)
