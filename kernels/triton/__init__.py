@@ -7,9 +7,13 @@ rotary and conformer_conv. Kernels run on CUDA tensors, or on CPU tensors under 
 """
 from __future__ import annotations
 
-from . import attention, steps
+from . import attention, conformer_conv, rotary, rvq, steps
 
 IMPLS = {
+    "rotary": rotary.rotary,
+    "conformer_conv": conformer_conv.conformer_conv,
+    "rvq_encode": rvq.rvq_encode,
+    "rvq_decode": rvq.rvq_decode,
     "attention": attention.attention,
     "flow_step": steps.flow_step,
     "diffusion_step": steps.diffusion_step,
