@@ -258,14 +258,21 @@ def _check(q, k, v, scale, key_lengths):
     return check_device(OP, q=q, k=k, v=v, key_lengths=key_lengths)
 
 
-def _blocks(q, Tq, Tk, D):
-    # tl.dot needs every tile dimension >= 16. The interpreter runs a program in numpy, so there
-    # fewer, larger tiles are faster; on a GPU 64 x 64 tiles keep the head-dim tile in registers.
+def _blocks(q, Tq, Tk, D, backward=False):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for a launch.
+
+    tl.dot needs every tile dimension >= 16. The interpreter runs a program in numpy, so there
+    fewer, larger tiles are faster. The GPU choices are the largest tiles that compile without
+    register spills for sm_90 (ptxas -v on Triton 3.9's output; not timed: no GPU here).
+    """
     block_d = next_pow2(D, 16)
     if q.device.type == "cpu":
-        return next_pow2(min(Tq, 64), 16), next_pow2(min(Tk, 64), 16), block_d
-    big = 128 if block_d <= 64 else 64
-    return 64, (big if q.dtype != torch.float32 else 32), block_d
+        return next_pow2(min(Tq, 64), 16), next_pow2(min(Tk, 64), 16), block_d, 4
+    if q.dtype == torch.float32 or block_d > 128:
+        return 32, 32, block_d, (8 if backward or block_d > 64 else 4)
+    if backward:
+        return (64, 64, block_d, 8) if block_d <= 64 else (32, 64, block_d, 8)
+    return (64, 128, block_d, 4) if block_d <= 64 else (64, 64, block_d, 4)
 
 
 def _common_args(q, k, scale):
@@ -288,11 +295,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if Tk == 0:  # nothing to see anywhere
         return out.zero_(), lse.fill_(float("-inf"))
     klen = key_lengths.contiguous() if key_lengths is not None else lse  # unused placeholder
-    bm, bn, bd = _blocks(q, Tq, Tk, D)
+    bm, bn, bd, warps = _blocks(q, Tq, Tk, D)
     launch(_attention_fwd_kernel)[(triton.cdiv(Tq, bm), B * H)](
         q, k, v, out, lse, klen, H, Hkv, Tq, Tk, D, group, scale * LOG2E,
         CAUSAL=bool(causal), HAS_KLEN=key_lengths is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-        INTERP=INTERPRET, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2,
+        INTERP=INTERPRET, PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=2,
     )
     return out, lse
 
@@ -317,11 +324,11 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     if q.numel() == 0 or k.numel() == 0:  # an empty side: every gradient is zero (or empty)
         return dq.zero_(), dk.zero_(), dv.zero_()
     klen = key_lengths.contiguous() if key_lengths is not None else lse
-    bm, bn, bd = _blocks(q, Tq, Tk, D)
+    bm, bn, bd, warps = _blocks(q, Tq, Tk, D, backward=True)
     delta = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
     launch(_attention_bwd_delta_kernel)[(triton.cdiv(Tq, bm), B * H)](out, grad_out, delta, Tq, D, BLOCK_M=bm, BLOCK_D=bd)
     meta = dict(CAUSAL=bool(causal), HAS_KLEN=key_lengths is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-                INTERP=INTERPRET, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2)
+                INTERP=INTERPRET, PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=2)
     launch(_attention_bwd_dkdv_kernel)[(triton.cdiv(Tk, bn), B * Hkv)](
         q, k, v, grad_out, lse, delta, dk, dv, klen, H, Hkv, Tq, Tk, D, group, scale, **meta)
     launch(_attention_bwd_dq_kernel)[(triton.cdiv(Tq, bm), B * H)](

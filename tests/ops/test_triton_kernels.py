@@ -345,6 +345,15 @@ def test_flow_step(shape, uncond):
     _lowp_check(IMPLS["flow_step"](*low), args, reference.flow_step, torch.bfloat16)
 
 
+def test_bf16_rounds_to_nearest_even():
+    # The interpreter truncates fp32 -> bf16 casts; the kernels round to nearest even by hand there
+    # (as the GPU does). flow_step does the reference's exact fp32 arithmetic, so with one
+    # rounding at the end the bf16 results must be bitwise equal.
+    x, vc, vu = (torch.randn(4, 999).bfloat16() for _ in range(3))
+    got = IMPLS["flow_step"](x, vc, vu, 0.0123, 1.7)
+    torch.testing.assert_close(got, reference.flow_step(x, vc, vu, 0.0123, 1.7), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("noise,clip", [(False, None), (True, None), (True, 0.8), (False, 0.0)])
 @pytest.mark.parametrize("shape", [(3, 5, 7), (1, 1), (2, 3000)], ids=["odd", "one", "multi-block"])
 def test_diffusion_step(shape, noise, clip):
