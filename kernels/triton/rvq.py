@@ -140,7 +140,7 @@ def _raise_if_flagged(flag, codes, K):
     from torch._subclasses.fake_tensor import is_fake
 
     if torch.compiler.is_compiling() or is_fake(flag):  # traced: no host sync possible
-        torch._assert_async(flag[0] == 0, msg)
+        torch._assert_async(flag == 0, msg)  # flag has one element
     elif flag.item():
         raise ValueError(f"{msg}, got values in [{codes.min().item()}, {codes.max().item()}]")
 
