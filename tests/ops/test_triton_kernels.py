@@ -10,6 +10,10 @@ reference (the kernels only reorder fp32 sums), gradients within 1e-4; bf16/fp16
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -406,3 +410,14 @@ def _opcheck_cases():
 def test_opcheck(op):
     # schema, fake tensor, autograd registration and AOT dispatch of each registered Triton op
     torch.library.opcheck(getattr(torch.ops.pysonic, f"{op}_triton"), _opcheck_cases()[op])
+
+
+@pytest.mark.skipif(os.environ.get("PYSONIC_TEST_TRITON_COMPILE") != "1",
+                    reason="about a minute: set PYSONIC_TEST_TRITON_COMPILE=1 to trace every op body on fake "
+                           "CUDA tensors and compile every launch for sm_90 (no GPU needed)")
+def test_gpu_path_traces_and_compiles():
+    script = Path(__file__).resolve().parents[2] / "kernels" / "triton" / "_compile_check.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "0 failures" in run.stdout
