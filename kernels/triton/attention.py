@@ -45,8 +45,8 @@ def _key_end(KLEN, b, Tk, HAS_KLEN: tl.constexpr):
     """Keys j < key_end are not hidden by key_lengths (Tk when there are none)."""
     kend = Tk
     if HAS_KLEN:
-        klen = tl.load(KLEN + b).to(tl.int32)
-        kend = tl.minimum(kend, tl.maximum(klen, 0))
+        klen = tl.load(KLEN + b).to(tl.int64)  # clamp before narrowing: huge lengths mean "all"
+        kend = tl.minimum(tl.maximum(klen, 0), Tk).to(tl.int32)
     return kend
 
 
@@ -255,7 +255,8 @@ def _check(q, k, v, scale, key_lengths):
             raise ValueError(f"{OP}: key_lengths must have shape [B] = [{B}], got {list(key_lengths.shape)}")
     if scale is None and D == 0:
         raise ValueError(f"{OP}: q has head dimension 0; the default scale 1/sqrt(D) is undefined")
-    return check_device(OP, q=q, k=k, v=v, key_lengths=key_lengths)
+    # key_lengths may live on another device (like the reference, which moves it to q's)
+    return check_device(OP, q=q, k=k, v=v)
 
 
 def _blocks(q, Tq, Tk, D, backward=False):
@@ -294,7 +295,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         return out, lse
     if Tk == 0:  # nothing to see anywhere
         return out.zero_(), lse.fill_(float("-inf"))
-    klen = key_lengths.contiguous() if key_lengths is not None else lse  # unused placeholder
+    klen = key_lengths.to(q.device).contiguous() if key_lengths is not None else lse  # lse: unused placeholder
     bm, bn, bd, warps = _blocks(q, Tq, Tk, D)
     launch(_attention_fwd_kernel)[(triton.cdiv(Tq, bm), B * H)](
         q, k, v, out, lse, klen, H, Hkv, Tq, Tk, D, group, scale * LOG2E,
@@ -323,7 +324,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or k.numel() == 0:  # an empty side: every gradient is zero (or empty)
         return dq.zero_(), dk.zero_(), dv.zero_()
-    klen = key_lengths.contiguous() if key_lengths is not None else lse
+    klen = key_lengths.to(q.device).contiguous() if key_lengths is not None else lse
     bm, bn, bd, warps = _blocks(q, Tq, Tk, D, backward=True)
     delta = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
     launch(_attention_bwd_delta_kernel)[(triton.cdiv(Tq, bm), B * H)](out, grad_out, delta, Tq, D, BLOCK_M=bm, BLOCK_D=bd)

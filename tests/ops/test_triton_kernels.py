@@ -65,6 +65,7 @@ ATTENTION_CASES = [
     pytest.param(1, 1, 1, 1, 20, 16, True, None, id="Tq=1"),
     pytest.param(1, 3, 3, 1, 1, 1, False, None, id="all-ones"),
     pytest.param(1, 3, 1, 33, 70, 24, True, [50], id="multi-block"),
+    pytest.param(2, 2, 1, 4, 6, 8, False, [1 << 40, -3], id="keylen-huge-negative"),
 ]
 
 
