@@ -305,6 +305,16 @@ def test_rvq_encode_ties_noncontiguous_empty():
         IMPLS["rvq_encode"](x, books, 3)
 
 
+def test_rvq_encode_tie_across_codebook_tiles():
+    # D=256 and 64 rows make the interpreter's launch scan the codebook 4 codes per tile, so the
+    # duplicate codes 2 and 9 land in different tiles: the earlier one must win.
+    books = torch.randn(1, 12, 256)
+    books[0, 9] = books[0, 2]
+    x = books[0, 2] + 0.01 * torch.randn(1, 64, 256)
+    codes = IMPLS["rvq_encode"](x, books, 1)
+    assert (codes == 2).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("B,T,D,L,K,n_q", [(2, 7, 6, 4, 10, 3), (1, 1, 1, 1, 1, 1), (2, 9, 130, 3, 5, 3)])
 def test_rvq_decode(dtype, B, T, D, L, K, n_q):
