@@ -8,8 +8,12 @@ tracing (``opcheck``'s aot_dispatch test fails with "Attempted to access the dat
 invalid python storage"); there the same body is registered with ``torch.library.custom_op``,
 which is opaque to tracing and uses our explicit fake implementation. The kernels are identical.
 
-Interpreter workarounds (Triton 3.9, checked on CPU tensors), switched by the ``INTERP``
-constexpr every kernel takes, so the same kernel source runs in both places:
+Interpreter findings (Triton 3.9, checked on CPU tensors). The interpreter keeps bf16 values as
+their raw uint16 bits in numpy, so arithmetic on bf16 tensors (``a + a``, ``a * 3.0``) computes
+on the integers and returns garbage; only the bf16 <-> fp32 conversions are implemented. Every
+kernel therefore converts bf16 to fp32 right after loading and does all arithmetic in fp32 (the
+ops' contract anyway). Two places still need bf16 and are worked around, switched by the
+``INTERP`` constexpr every kernel takes, so the same kernel source runs in both places:
 
 * ``tl.dot`` on bfloat16 operands multiplies the raw uint16 bit patterns (the interpreter stores
   bf16 as uint16 and calls ``np.matmul`` on them): results are garbage. :func:`mma` upcasts bf16
