@@ -423,6 +423,26 @@ def test_opcheck(op):
     torch.library.opcheck(getattr(torch.ops.pysonic, f"{op}_triton"), _opcheck_cases()[op])
 
 
+def test_torch_compile_fullgraph():
+    # Dynamo traces through the registered ops without graph breaks, and autograd flows through
+    # them. backend="aot_eager": inductor takes minutes on this machine; opcheck covers the rest.
+    q = torch.randn(1, 2, 5, 8, requires_grad=True)
+    cos, sin = torch.randn(5, 2), torch.randn(5, 2)
+    w, b = torch.randn(8, 3), torch.randn(8)  # x [1, 5, 16] = [B, T, 2C]
+
+    def f(q):
+        o, _ = IMPLS["attention"](q, q, q, True, None, None)
+        r = IMPLS["rotary"](o, cos, sin, False)
+        return IMPLS["conformer_conv"](r.reshape(1, 5, 16), w, b, False).square().sum()
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(q)
+    (g,) = torch.autograd.grad(got, q)
+    q2 = q.detach().requires_grad_()
+    want = f(q2)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(g, torch.autograd.grad(want, q2)[0], atol=0, rtol=0)
+
+
 @pytest.mark.skipif(os.environ.get("PYSONIC_TEST_TRITON_COMPILE") != "1",
                     reason="about a minute: set PYSONIC_TEST_TRITON_COMPILE=1 to trace every op body on fake "
                            "CUDA tensors and compile every launch for sm_90 (no GPU needed)")
