@@ -6,6 +6,8 @@ Every function takes ``backend="auto" | "cpp" | "cuda" | "triton" | "reference"`
 from pysonic.ops import reference
 from pysonic.ops._backends import BACKENDS, BackendUnavailable, available_backends
 from pysonic.ops.steps import diffusion_step, flow_step
+from pysonic.ops.rotary import rotary
+from pysonic.ops.conformer_conv import conformer_conv
 
 __all__ = [
     "BACKENDS",
@@ -14,4 +16,6 @@ __all__ = [
     "reference",
     "flow_step",
     "diffusion_step",
+    "rotary",
+    "conformer_conv",
 ]
