@@ -78,6 +78,11 @@ struct Geometry {
   int64_t B, T, C, K, P, Cp;  // Cp: C padded to kChanPad
   int64_t nseg, ncb;
   int64_t items() const { return B * nseg * ncb; }
+  // Work items per parallel chunk: at least ~64K multiply-adds, so small problems run inline.
+  int64_t grain() const {
+    const int64_t work = std::min(T, kTimeBlock) * std::min(Cp, kChanBlock) * (K + 8);
+    return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(work, 1));
+  }
 };
 
 Geometry make_geometry(int64_t B, int64_t T, int64_t C, int64_t K, bool causal) {
@@ -176,7 +181,7 @@ void forward_kernel(const T* x, T* out, const acc_t<T>* wt, const acc_t<T>* bias
                     const Geometry& G) {
   using A = acc_t<T>;
   using VA = at::vec::Vectorized<A>;
-  at::parallel_for(0, G.items(), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, G.items(), G.grain(), [&](int64_t begin, int64_t end) {
     std::vector<A> scratch((kTimeBlock + G.K - 1) * kChanBlock);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t cb = item % G.ncb, seg = (item / G.ncb) % G.nseg, b = item / (G.ncb * G.nseg);
@@ -203,7 +208,7 @@ void backward_kernel(const T* go, const T* x, T* gx, const acc_t<T>* wt, const a
   using VA = at::vec::Vectorized<A>;
   constexpr int64_t V = VA::size();
   const int64_t K = G.K, O = K - 1 - G.P;  // gy row q <-> time ts - O + q
-  at::parallel_for(0, G.items(), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, G.items(), G.grain(), [&](int64_t begin, int64_t end) {
     std::vector<A> g_s((kTimeBlock + 2 * (K - 1)) * kChanBlock);  // g at ts-(K-1) .. te+K-2
     std::vector<A> gy_s((kTimeBlock + K - 1) * kChanBlock);       // gy at ts-O .. te+P-1
     for (int64_t item = begin; item < end; ++item) {

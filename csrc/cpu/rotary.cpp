@@ -5,7 +5,7 @@
 //        in place); the channel dimension is made unit-stride on purpose if it is not.
 //   cos, sin [T,R/2], float32 or x's dtype (converted once to the fp32 compute type: float64
 //        for float64 x), R even, R <= D.
-//   out  [B,H,T,D] in x's dtype, allocated like x (empty_like keeps a dense x's memory layout).
+//   out  [B,H,T,D] contiguous, in x's dtype (like the reference, whatever x's layout).
 //   Half-split pairs (i, i + R/2), or interleaved pairs (2i, 2i+1) with interleaved=true:
 //     out_a = x_a * cos[t,i] - x_b * sin[t,i]
 //     out_b = x_b * cos[t,i] + x_a * sin[t,i]
@@ -111,7 +111,9 @@ void rotary_kernel(const T* x, T* out, const acc_t<T>* cos, const acc_t<T>* sin,
   const int64_t tblock = std::max<int64_t>(1, std::min<int64_t>(T_, (1 << 13) / row_elems));
   const int64_t nblocks = (T_ + tblock - 1) / tblock;
   const bool heads_inner = std::abs(xs.h) < std::abs(xs.t);
-  at::parallel_for(0, B * nblocks, 1, [&](int64_t begin, int64_t end) {
+  // Small problems run inline: a chunk of work units covers at least ~32K elements.
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / (tblock * row_elems));
+  at::parallel_for(0, B * nblocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / nblocks;
       const int64_t t0 = (unit % nblocks) * tblock, t1 = std::min(T_, t0 + tblock);
@@ -171,12 +173,11 @@ at::Tensor rotary_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tens
     const auto acc_type = c10::CppTypeToScalarType<A>::value;
     // Rows must be unit stride; any B/H/T strides are fine.
     const at::Tensor xc = x.stride(3) == 1 || D <= 1 ? x : x.contiguous();
-    out = at::empty_like(xc);
+    out = at::empty({B, H, T_, D}, xc.options());
     if (out.numel() == 0) return;
     const at::Tensor cc = cos.to(acc_type).contiguous(), sc = sin.to(acc_type).contiguous();
     const Strides xs{xc.stride(0), xc.stride(1), xc.stride(2)};
     const Strides os{out.stride(0), out.stride(1), out.stride(2)};
-    TORCH_INTERNAL_ASSERT(D <= 1 || out.stride(3) == 1);
     auto run = interleaved ? rotary_kernel<T, true> : rotary_kernel<T, false>;
     run(xc.const_data_ptr<T>(), out.mutable_data_ptr<T>(), static_cast<const A*>(cc.const_data_ptr()),
         static_cast<const A*>(sc.const_data_ptr()), B, H, T_, D, half, xs, os);

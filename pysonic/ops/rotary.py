@@ -84,8 +84,9 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         # d out_a = g_a, d out_b = g_b:  dcos = sum_BH (g_a a + g_b b), dsin = sum_BH (g_b a - g_a b)
         half = cos.shape[-1]
-        a, b = (t.float() for t in _pairs(x, half, ctx.interleaved))
-        ga, gb = (t.float() for t in _pairs(grad, half, ctx.interleaved))
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 sums (fp64 for float64)
+        a, b = (t.to(acc) for t in _pairs(x, half, ctx.interleaved))
+        ga, gb = (t.to(acc) for t in _pairs(grad, half, ctx.interleaved))
         if ctx.needs_input_grad[1]:
             grad_cos = (ga * a + gb * b).sum(dim=(0, 1)).to(cos.dtype)
         if ctx.needs_input_grad[2]:
