@@ -7,6 +7,8 @@ from pysonic.ops import reference
 from pysonic.ops._backends import BACKENDS, BackendUnavailable, available_backends
 from pysonic.ops.rvq import rvq_decode, rvq_encode
 from pysonic.ops.steps import diffusion_step, flow_step
+from pysonic.ops.rotary import rotary
+from pysonic.ops.conformer_conv import conformer_conv
 
 __all__ = [
     "BACKENDS",
@@ -17,4 +19,6 @@ __all__ = [
     "diffusion_step",
     "rvq_encode",
     "rvq_decode",
+    "rotary",
+    "conformer_conv",
 ]
