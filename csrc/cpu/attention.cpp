@@ -32,6 +32,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -42,8 +43,12 @@ namespace {
 
 constexpr int64_t kMaxHeadDim = 128;
 // Tile sizes (tuned on a 2-core Sapphire Rapids class CPU at T=1500, D=64).
-constexpr int64_t kQBlock = 64;
-constexpr int64_t kKvBlock = 256;
+static int64_t env_int(const char* name, int64_t dflt) {
+  const char* v = std::getenv(name);
+  return v ? std::atoll(v) : dflt;
+}
+static const int64_t kQBlock = env_int("PYSONIC_QB", 64);
+static const int64_t kKvBlock = env_int("PYSONIC_KVB", 256);
 constexpr int64_t kBwdQBlock = 64;
 constexpr int64_t kBwdKvBlock = 64;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -100,14 +105,39 @@ struct Visibility {
 // ---------------------------------------------------------------------------------------------
 // Row softmax pieces on accumulator types (float vectorised, double scalar).
 
+// Lane-wise max without NaN bookkeeping (scores are finite; a NaN input would show up in the
+// sum anyway).
+inline Vec fast_max(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_ps(a, b);
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
+
 // max over x[0:n] * scale
 inline float scaled_max(const float* x, int64_t n, float scale) {
-  Vec vmax(kNegInf), vs(scale);
+  Vec m0(kNegInf), m1(kNegInf);
   int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(x + c) * vs);
-  float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
-  for (; c < n; ++c) m = std::max(m, x[c] * scale);
-  return m;
+  for (; c + kPair <= n; c += kPair) {
+    m0 = fast_max(m0, Vec::loadu(x + c));
+    m1 = fast_max(m1, Vec::loadu(x + c + Vec::size()));
+  }
+  Vec lo = fast_max(m0, m1), hi = lo;
+  for (; c < n; ++c) {
+    lo = fast_max(lo, Vec(x[c]));
+  }
+  (void)hi;
+  float mx = kNegInf, mn = std::numeric_limits<float>::infinity();
+  float lanes[Vec::size()];
+  lo.store(lanes);
+  for (int64_t i = 0; i < Vec::size(); ++i) mx = std::max(mx, lanes[i]);
+  if (scale >= 0.f) return mx * scale;
+  // negative scale: the largest scaled score comes from the smallest raw score
+  for (c = 0; c < n; ++c) mn = std::min(mn, x[c]);
+  return mn * scale;
 }
 inline double scaled_max(const double* x, int64_t n, double scale) {
   double m = -std::numeric_limits<double>::infinity();
@@ -118,16 +148,14 @@ inline double scaled_max(const double* x, int64_t n, double scale) {
 // p[c] = exp(x[c] * scale - shift) for c < n, returns their sum; p may alias x.
 template <typename P>
 inline float exp_sum(const float* x, int64_t n, float scale, float shift, P* p) {
-  Vec vs(scale), vshift(shift), vsum(0.f);
+  const Vec vs(scale), vshift(shift);
+  Vec vsum(0.f);
   int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) {
-    Vec e = at::vec::fmsub(Vec::loadu(x + c), vs, vshift).exp_u20();
-    vsum = vsum + e;
-    if constexpr (std::is_same_v<P, float>) {
-      e.store(p + c);
-    } else {
-      at::vec::convert(reinterpret_cast<const float*>(&e), p + c, Vec::size());
-    }
+  for (; c + kPair <= n; c += kPair) {
+    const Vec e0 = at::vec::fmsub(Vec::loadu(x + c), vs, vshift).exp_u20();
+    const Vec e1 = at::vec::fmsub(Vec::loadu(x + c + Vec::size()), vs, vshift).exp_u20();
+    vsum = vsum + e0 + e1;
+    store_pair(p + c, e0, e1);
   }
   float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
   for (; c < n; ++c) {
