@@ -5,6 +5,7 @@ Every function takes ``backend="auto" | "cpp" | "cuda" | "triton" | "reference"`
 """
 from pysonic.ops import reference
 from pysonic.ops._backends import BACKENDS, BackendUnavailable, available_backends
+from pysonic.ops.attention import attention
 from pysonic.ops.steps import diffusion_step, flow_step
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "BackendUnavailable",
     "available_backends",
     "reference",
+    "attention",
     "flow_step",
     "diffusion_step",
 ]
