@@ -50,6 +50,9 @@ def why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
 _auto_cache: dict[tuple[str, str], str] = {}
 
 
+# torch.compile evaluates the choice once while tracing and keeps it as a constant: it depends
+# only on the op, the request and the device, never on tensor values.
+@torch.compiler.assume_constant_result
 def resolve(op: str, backend: str, device: torch.device) -> str:
     """The concrete backend that runs ``op`` on ``device`` for the requested ``backend``."""
     if backend == "auto":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from pysonic import _ext
 from pysonic.ops import _checks, reference
 from pysonic.ops._backends import resolve
 
@@ -91,3 +92,14 @@ def diffusion_step(x, eps, noise=None, c1=1.0, c2=0.0, sigma=0.0, *, clip: float
 
         return _triton.get(op)(*args)
     return torch.ops.pysonic.diffusion_step(*args)
+
+
+if _ext._C is not None:  # shapes for torch.compile / fake tensors
+
+    @torch.library.register_fake("pysonic::flow_step")
+    def _flow_step_fake(x, v_cond, v_uncond, dt, guidance_scale):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("pysonic::diffusion_step")
+    def _diffusion_step_fake(x, eps, noise, c1, c2, sigma, clip=None):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -1,0 +1,1 @@
+"""Generative model families, one module each (tangoflux, soundstorm, musicgen, wavegrad, musicldm)."""
