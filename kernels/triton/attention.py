@@ -111,18 +111,52 @@ def _attention_fwd_kernel(
 
 
 # Contract of _attention_bwd_delta_kernel:
-#   O, DO [B*H, Tq, D] contiguous dtype T; DELTA [B*H, Tq] float32.
-#   grid (cdiv(Tq, BLOCK_M), B*H); DELTA_i = sum_d DO_id * O_id (fp32).
+#   Q, DO [B,H,Tq,D]; K, V [B,Hkv,Tk,D]: contiguous dtype T. LSE, DELTA [B,H,Tq] float32.
+#   grid (cdiv(Tq, BLOCK_M), B*H); DELTA_i = sum_j P_ij (dO_i . v_j) over visible keys, in fp32.
+#   This is rowsum(dO * O) in exact arithmetic, but computed from the recomputed fp32 P instead of
+#   the stored low-precision O (which the forward built from P rounded to v's dtype): the
+#   softmax gradient P (dP - DELTA) then cancels exactly where it should. It costs one more pass
+#   over the keys (two products per tile) and, in bf16, halves the dq error on short rows.
 @triton.jit
-def _attention_bwd_delta_kernel(O, DO, DELTA, Tq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attention_bwd_delta_kernel(
+    Q, K, V, DO, LSE, DELTA, KLEN, H, Hkv, Tq, Tk, D, GROUP, scale,
+    CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, INTERP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    b = bh // H
+    kv = b * Hkv + (bh % H) // GROUP
+    k_base = K + kv.to(tl.int64) * Tk * D
+    v_base = V + kv.to(tl.int64) * Tk * D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
-    ptrs = bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :]
-    o = tl.load(O + ptrs, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, 1), mask=offs_m < Tq)
+    d_mask = offs_d < D
+    row_mask = offs_m < Tq
+    q_off = bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :]
+    qd_mask = row_mask[:, None] & d_mask[None, :]
+    q = tl.load(Q + q_off, mask=qd_mask, other=0.0)
+    do = tl.load(DO + q_off, mask=qd_mask, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=row_mask, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    qk_scale = scale * 1.4426950408889634
+
+    kend = _key_end(KLEN, b, Tk, HAS_KLEN)
+    hi = kend
+    if CAUSAL:
+        hi = tl.minimum(hi, tl.maximum((pid_m + 1) * BLOCK_M + (Tk - Tq), 0))
+    delta = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kt_mask = (cols[None, :] < kend) & d_mask[:, None]
+        kt = tl.load(k_base + cols[None, :] * D + offs_d[:, None], mask=kt_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
+        vt = tl.load(v_base + cols[None, :] * D + offs_d[:, None], mask=kt_mask, other=0.0)
+        s = mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), INTERP, PRECISION) * qk_scale
+        p = tl.where(_visible(offs_m, cols, Tq, Tk, kend, CAUSAL), tl.exp2(s - lse2[:, None]), 0.0)
+        dp = mma(do, vt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), INTERP, PRECISION)
+        delta += tl.sum(p * dp, 1)
+    tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, delta, mask=row_mask)
 
 
 # Contract of _attention_bwd_dkdv_kernel:
@@ -247,7 +281,7 @@ def _check(q, k, v, scale, key_lengths):
         raise ValueError(f"{OP}: k must have shape [B, Hkv, Tk, D] with B={B}, D={D}, got {list(k.shape)}")
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"{OP}: v must have the shape of k {list(k.shape)}, got {list(v.shape)}")
-    if Hkv == 0 or H % Hkv != 0:
+    if (Hkv == 0 and H != 0) or (Hkv != 0 and H % Hkv != 0):
         raise ValueError(f"{OP}: the number of query heads H={H} must be a multiple of the key/value heads Hkv={Hkv}")
     if key_lengths is not None:
         check_tensor(OP, "key_lengths", key_lengths, integer=True)
@@ -279,7 +313,7 @@ def _blocks(q, Tq, Tk, D, backward=False):
 def _common_args(q, k, scale):
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    return B, H, Hkv, Tq, Tk, D, H // Hkv, (1.0 / math.sqrt(D) if scale is None else float(scale))
+    return B, H, Hkv, Tq, Tk, D, (H // Hkv if Hkv else 1), (1.0 / math.sqrt(D) if scale is None else float(scale))
 
 
 @define("attention_triton")
@@ -320,16 +354,17 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     _check_backward(grad_out, q, k, v, out, lse, scale, key_lengths)
     B, H, Hkv, Tq, Tk, D, group, scale = _common_args(q, k, scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
+    grad_out, lse = grad_out.contiguous(), lse.contiguous()  # out: checked only (see the delta kernel)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or k.numel() == 0:  # an empty side: every gradient is zero (or empty)
         return dq.zero_(), dk.zero_(), dv.zero_()
     klen = key_lengths.to(q.device).contiguous() if key_lengths is not None else lse
     bm, bn, bd, warps = _blocks(q, Tq, Tk, D, backward=True)
     delta = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
-    launch(_attention_bwd_delta_kernel)[(triton.cdiv(Tq, bm), B * H)](out, grad_out, delta, Tq, D, BLOCK_M=bm, BLOCK_D=bd)
     meta = dict(CAUSAL=bool(causal), HAS_KLEN=key_lengths is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
                 INTERP=INTERPRET, PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=2)
+    launch(_attention_bwd_delta_kernel)[(triton.cdiv(Tq, bm), B * H)](
+        q, k, v, grad_out, lse, delta, klen, H, Hkv, Tq, Tk, D, group, scale, **meta)
     launch(_attention_bwd_dkdv_kernel)[(triton.cdiv(Tk, bn), B * Hkv)](
         q, k, v, grad_out, lse, delta, dk, dv, klen, H, Hkv, Tq, Tk, D, group, scale, **meta)
     launch(_attention_bwd_dq_kernel)[(triton.cdiv(Tq, bm), B * H)](
