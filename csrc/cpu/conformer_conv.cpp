@@ -91,8 +91,8 @@ struct Geometry {
   }
 };
 
-// halo_rows: scratch rows beyond the tb of a work item per channel (K-1 forward, about
-// 1.5 * 2(K-1) backward, which holds two buffers).
+// buffers: scratch buffers of about tb rows each per work item (1 forward, 2 backward);
+// halo_rows: the extra rows they need beyond tb (K-1 forward, 2(K-1) backward).
 Geometry make_geometry(int64_t B, int64_t T, int64_t C, int64_t K, bool causal, int64_t buffers,
                        int64_t halo_rows) {
   Geometry g{B, T, C, K, causal ? K - 1 : K / 2, (C + kChanPad - 1) / kChanPad * kChanPad,
