@@ -196,7 +196,7 @@ Prepared prepare(const T* books, int64_t n_q, int64_t K, int64_t D) {
   const bool direct = p.amx && vnni_layout_matches_pack();
   at::parallel_for(0, n_q * nblocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> row(D);
-    std::vector<c10::BFloat16> tmp_b;
+    std::vector<c10::BFloat16> tmp_b, plain;
     for (int64_t job = begin; job < end; ++job) {
       const int64_t l = job / nblocks, j = job % nblocks;
       const int64_t k0 = j * kCodeBlock, nb = block_n(p, j);
@@ -234,22 +234,17 @@ Prepared prepare(const T* books, int64_t n_q, int64_t K, int64_t D) {
           for (; i + kPair <= D; i += kPair) store_pair(o + i, Vec::loadu(row.data() + i), Vec::loadu(row.data() + i + Vec::size()));
           for (; i < D; ++i) o[i] = c10::BFloat16(row[i]);
         }
-        c10::BFloat16* out = dst;
-        std::vector<c10::BFloat16> plain;
-        if (!direct) {
-          plain.resize(Dp * nb);
-          out = plain.data();
-        }
         if (direct) {
           const auto* src32 = reinterpret_cast<const uint32_t*>(tmp_b.data());
-          auto* dst32 = reinterpret_cast<uint32_t*>(out);
+          auto* dst32 = reinterpret_cast<uint32_t*>(dst);
           for (int64_t q = 0; q < half; ++q)
             for (int64_t kk = 0; kk < nb; ++kk) dst32[q * nb + kk] = src32[kk * half + q];
-        } else {
+        } else {  // plain [Dp][nb], packed by oneDNN
+          plain.resize(Dp * nb);
           for (int64_t i = 0; i < Dp; ++i)
-            for (int64_t kk = 0; kk < nb; ++kk) out[i * nb + kk] = tmp_b[kk * Dp + i];
+            for (int64_t kk = 0; kk < nb; ++kk) plain[i * nb + kk] = tmp_b[kk * Dp + i];
+          at::native::cpublas::pack(Dp, nb, nb, nb, at::kBFloat16, at::kBFloat16, plain.data(), dst);
         }
-        if (!direct) at::native::cpublas::pack(Dp, nb, nb, nb, at::kBFloat16, at::kBFloat16, out, dst);
       } else {
         // B^T for the level, fp32 [Dp][Kp].
         float* dst = p.b.data_ptr<float>() + l * Dp * Kp;
@@ -444,6 +439,7 @@ at::Tensor rvq_encode_cpu(const at::Tensor& x, const at::Tensor& codebooks, int6
               codebooks.size(2));
   const int64_t L = codebooks.size(0), K = codebooks.size(1), D = x.size(2);
   TORCH_CHECK(n_q >= 1 && n_q <= L, op, ": n_q must be in [1, L = ", L, "], got ", n_q);
+  TORCH_CHECK(K < std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 2 codes per level, got K = ", K);
   auto codes = at::empty({x.size(0), x.size(1), n_q}, x.options().dtype(at::kLong));
   if (codes.numel() == 0) return codes;
   if (D == 0) return codes.zero_();  // every distance is 0: the lowest index wins
