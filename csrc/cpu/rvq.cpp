@@ -38,6 +38,7 @@ namespace pysonic::cpu {
 namespace {
 
 constexpr int64_t kMaxRows = 128;    // most rows per matrix-product block (M)
+constexpr int64_t kGroupRows = 128;  // rows a thread carries through the levels together
 constexpr int64_t kCodeBlock = 64;  // codes per matrix-product call (N; oneDNN packs B in blocks of <= 64)
 constexpr int64_t kCodeAlign = Vec::size();
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -195,7 +196,7 @@ Prepared prepare(const T* books, int64_t n_q, int64_t K, int64_t D) {
   const bool direct = p.amx && vnni_layout_matches_pack();
   at::parallel_for(0, n_q * nblocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> row(D);
-    std::vector<c10::BFloat16> tmp_b;
+    std::vector<c10::BFloat16> tmp_b, plain;
     for (int64_t job = begin; job < end; ++job) {
       const int64_t l = job / nblocks, j = job % nblocks;
       const int64_t k0 = j * kCodeBlock, nb = block_n(p, j);
@@ -233,22 +234,17 @@ Prepared prepare(const T* books, int64_t n_q, int64_t K, int64_t D) {
           for (; i + kPair <= D; i += kPair) store_pair(o + i, Vec::loadu(row.data() + i), Vec::loadu(row.data() + i + Vec::size()));
           for (; i < D; ++i) o[i] = c10::BFloat16(row[i]);
         }
-        c10::BFloat16* out = dst;
-        std::vector<c10::BFloat16> plain;
-        if (!direct) {
-          plain.resize(Dp * nb);
-          out = plain.data();
-        }
         if (direct) {
           const auto* src32 = reinterpret_cast<const uint32_t*>(tmp_b.data());
-          auto* dst32 = reinterpret_cast<uint32_t*>(out);
+          auto* dst32 = reinterpret_cast<uint32_t*>(dst);
           for (int64_t q = 0; q < half; ++q)
             for (int64_t kk = 0; kk < nb; ++kk) dst32[q * nb + kk] = src32[kk * half + q];
-        } else {
+        } else {  // plain [Dp][nb], packed by oneDNN
+          plain.resize(Dp * nb);
           for (int64_t i = 0; i < Dp; ++i)
-            for (int64_t kk = 0; kk < nb; ++kk) out[i * nb + kk] = tmp_b[kk * Dp + i];
+            for (int64_t kk = 0; kk < nb; ++kk) plain[i * nb + kk] = tmp_b[kk * Dp + i];
+          at::native::cpublas::pack(Dp, nb, nb, nb, at::kBFloat16, at::kBFloat16, plain.data(), dst);
         }
-        if (!direct) at::native::cpublas::pack(Dp, nb, nb, nb, at::kBFloat16, at::kBFloat16, out, dst);
       } else {
         // B^T for the level, fp32 [Dp][Kp].
         float* dst = p.b.data_ptr<float>() + l * Dp * Kp;
@@ -356,49 +352,54 @@ void rvq_encode_kernel(const at::Tensor& x, const T* books, int64_t K, int64_t n
   const int64_t per_thread = (rows + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
   const int64_t mb = std::clamp<int64_t>(round_up(per_thread, 16), 16, kMaxRows);
   const int64_t nblocks = (rows + mb - 1) / mb;
+  // Each thread takes its blocks in groups of about kGroupRows rows and runs the levels
+  // level-major over a group (a group is one block at the default sizes: larger groups, which
+  // keep one level's codebook hot for more rows, measured no faster here).
+  const int64_t group = std::max<int64_t>(1, kGroupRows / mb);
   at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> res(mb * Dp), scores(mb * Kp);
+    std::vector<float> res(group * mb * Dp), scores(mb * Kp);
     std::vector<c10::BFloat16> abf(p.amx ? mb * Dp : 0);
     std::vector<int32_t> cand;
     std::vector<int64_t> cbeg(mb), cend(mb);
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t row0 = blk * mb, m_valid = std::min(mb, rows - row0);
+    for (int64_t g0 = begin; g0 < end; g0 += group) {
+      const int64_t g1 = std::min(end, g0 + group);
       std::fill(res.begin(), res.end(), 0.f);
-      for (int64_t m = 0; m < m_valid; ++m) {
-        const int64_t n = row0 + m;
-        row_to_float(xp + (n / Tn) * sb + (n % Tn) * st, sd, res.data() + m * Dp, D);
+      for (int64_t n = g0 * mb; n < std::min(rows, g1 * mb); ++n) {
+        row_to_float(xp + (n / Tn) * sb + (n % Tn) * st, sd, res.data() + (n - g0 * mb) * Dp, D);
       }
       for (int64_t l = 0; l < n_q; ++l) {
         const T* book = books + l * K * D;
         const bool screen = p.level_ok[l] && D > 0;
-        if (screen) {
-          const void* a = res.data();
-          if (p.amx) {
-            for (int64_t m = 0; m < mb; ++m) {
-              // fp32 -> bf16 (round to nearest even), padding column stays 0
-              const float* src = res.data() + m * Dp;
-              c10::BFloat16* dst = abf.data() + m * Dp;
-              int64_t i = 0;
-              for (; i + kPair <= Dp; i += kPair) store_pair(dst + i, Vec::loadu(src + i), Vec::loadu(src + i + Vec::size()));
-              for (; i < Dp; ++i) dst[i] = c10::BFloat16(src[i]);
+        for (int64_t blk = g0; blk < g1; ++blk) {
+          const int64_t row0 = blk * mb, m_valid = std::min(mb, rows - row0);
+          float* rb = res.data() + (blk - g0) * mb * Dp;  // this block's residuals [mb, Dp]
+          if (screen) {
+            const void* a = rb;
+            if (p.amx) {
+              for (int64_t m = 0; m < mb; ++m) {
+                // fp32 -> bf16 (round to nearest even), padding column stays 0
+                const float* src = rb + m * Dp;
+                c10::BFloat16* dst = abf.data() + m * Dp;
+                int64_t i = 0;
+                for (; i + kPair <= Dp; i += kPair) store_pair(dst + i, Vec::loadu(src + i), Vec::loadu(src + i + Vec::size()));
+                for (; i < Dp; ++i) dst[i] = c10::BFloat16(src[i]);
+              }
+              a = abf.data();
             }
-            a = abf.data();
+            screen_scores(p, l, mb, a, scores.data());
           }
-          screen_scores(p, l, mb, a, scores.data());
-        }
-        // Pass 1: candidates of every row (their rows prefetched while the others screen).
-        cand.clear();
-        // No candidates (screening unsafe for the row) means: scan all codes exactly.
-        for (int64_t m = 0; m < m_valid; ++m) {
-          cbeg[m] = static_cast<int64_t>(cand.size());
-          if (screen) screen_row(p, l, res.data() + m * Dp, scores.data() + m * Kp, book, cand);
-          cend[m] = static_cast<int64_t>(cand.size());
-        }
-        // Pass 2: exact distances of the candidates decide; update the residuals.
-        for (int64_t m = 0; m < m_valid; ++m) {
-          float* r = res.data() + m * Dp;
-          int64_t code = -1;
-          {
+          // Pass 1: candidates of every row (their rows prefetched while the others screen).
+          // No candidates (screening unsafe for the row) means: scan all codes exactly.
+          cand.clear();
+          for (int64_t m = 0; m < m_valid; ++m) {
+            cbeg[m] = static_cast<int64_t>(cand.size());
+            if (screen) screen_row(p, l, rb + m * Dp, scores.data() + m * Kp, book, cand);
+            cend[m] = static_cast<int64_t>(cand.size());
+          }
+          // Pass 2: exact distances of the candidates decide; update the residuals.
+          for (int64_t m = 0; m < m_valid; ++m) {
+            float* r = rb + m * Dp;
+            int64_t code = -1;
             float best = kInf;
             for (int64_t c = cbeg[m]; c < cend[m]; ++c) {
               const float d = exact_dist(r, book + cand[c] * D, D);
@@ -407,10 +408,10 @@ void rvq_encode_kernel(const at::Tensor& x, const T* books, int64_t K, int64_t n
                 code = cand[c];
               }
             }
+            if (code < 0) code = exact_argmin(r, book, K, D);
+            codes[(row0 + m) * n_q + l] = code;
+            sub_row(r, book + code * D, D);
           }
-          if (code < 0) code = exact_argmin(r, book, K, D);
-          codes[(row0 + m) * n_q + l] = code;
-          sub_row(r, book + code * D, D);
         }
       }
     }
@@ -438,6 +439,7 @@ at::Tensor rvq_encode_cpu(const at::Tensor& x, const at::Tensor& codebooks, int6
               codebooks.size(2));
   const int64_t L = codebooks.size(0), K = codebooks.size(1), D = x.size(2);
   TORCH_CHECK(n_q >= 1 && n_q <= L, op, ": n_q must be in [1, L = ", L, "], got ", n_q);
+  TORCH_CHECK(K < std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 2 codes per level, got K = ", K);
   auto codes = at::empty({x.size(0), x.size(1), n_q}, x.options().dtype(at::kLong));
   if (codes.numel() == 0) return codes;
   if (D == 0) return codes.zero_();  // every distance is 0: the lowest index wins

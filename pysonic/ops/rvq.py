@@ -7,6 +7,8 @@ so no autograd is registered.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from pysonic import _ext
@@ -51,8 +53,9 @@ def rvq_encode(x, codebooks, *, n_q: int | None = None, backend: str = "auto"):
     L = codebooks.shape[0]
     if n_q is None:
         n_q = L
-    if isinstance(n_q, bool) or not isinstance(n_q, int):
+    if isinstance(n_q, bool) or not hasattr(n_q, "__index__"):
         raise TypeError(f"{op}: n_q must be an int or None, got {type(n_q).__name__}")
+    n_q = operator.index(n_q)
     if not 1 <= n_q <= L:
         raise ValueError(f"{op}: n_q must be in [1, L = {L}], got {n_q}")
     chosen = resolve(op, backend, device)
