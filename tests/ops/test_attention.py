@@ -21,7 +21,9 @@ CASES = [
     (2, 2, 1, 1, 301, 128, False, [0, 257]), # decode step over a KV cache, a batch item with no key
     (2, 3, 3, 19, 40, 1, True, [40, 7]),     # D = 1, lengths incl. Tk
     (1, 1, 1, 1, 1, 64, True, None),         # length-1 everything
-    (3, 4, 1, 5, 300, 64, False, [300, 1, 129]),  # multi-query, several key blocks
+    (3, 4, 1, 5, 300, 64, False, [300, 1, 129]),  # multi-query
+    (1, 2, 1, 67, 1700, 16, True, None),     # several key and query tiles: online-softmax rescaling
+    (2, 1, 1, 3, 1601, 8, False, [1601, 800]),  # a key tile cut by key_lengths
 ]
 
 
@@ -54,6 +56,9 @@ def test_attention_matches_reference(backend, dtype, case):
     kl = None if kl is None else torch.tensor(kl)
     out = ops.attention(q, k, v, causal=causal, key_lengths=kl, backend=backend)
     _check(out, q, k, v, causal, kl, dtype)
+    if Tk > 1000:  # long rows with a negative scale: the running max moves the other way
+        out = ops.attention(q, k, v, causal=causal, scale=-0.5, key_lengths=kl, backend=backend)
+        _check(out, q, k, v, causal, kl, dtype, scale=-0.5)
     if kl is not None:  # a batch item with no visible key gives exact zeros
         for b in range(B):
             if int(kl[b]) == 0:
@@ -71,7 +76,7 @@ def test_attention_random_shapes(backend, dtype):
         D = rng.choice([1, 8, 17, 64, 80, 128])
         causal = rng.random() < 0.5
         kl = torch.randint(0, Tk + 1, (B,)) if rng.random() < 0.5 else None
-        scale = rng.choice([None, 0.3, -0.2])
+        scale = rng.choice([None, 0.3, -0.2])  # a negative scale flips which score is largest
         q, k, v = _make(B, H, Hkv, Tq, Tk, D, dtype)
         out = ops.attention(q, k, v, causal=causal, scale=scale, key_lengths=kl, backend=backend)
         _check(out, q, k, v, causal, kl, dtype, scale)
