@@ -32,6 +32,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -417,20 +418,37 @@ at::Tensor pack_kv(const at::Tensor& x, int64_t kvb, int64_t Dp, Pack kind) {
       const T* blk = src + b * s0 + h * s1 + j * kvb * s2;
       T* o = dst + task * kvb * cols;
       const int64_t rows = std::min(kvb, Tk - j * kvb);
-      for (int64_t n = 0; n < kvb; ++n) {
-        const T* row = blk + n * s2;
-        if (kind == Pack::KtPlain) {
-          for (int64_t d = 0; d < Dp; ++d) o[d * kvb + n] = n < rows && d < D ? row[d * s3] : T(0);
-        } else if (kind == Pack::KtVnni) {
-          T* on = o + 2 * n;
-          for (int64_t d = 0; d < Dp; ++d)
-            on[(d >> 1) * 2 * kvb + (d & 1)] = n < rows && d < D ? row[d * s3] : T(0);
-        } else {
+      if (kind == Pack::VVnni) {  // pairs of key rows interleaved: contiguous writes
+        for (int64_t n = 0; n < kvb; ++n) {
+          const T* row = blk + n * s2;
           T* on = o + (n >> 1) * 2 * D + (n & 1);
-          if (n < rows) {
-            for (int64_t d = 0; d < D; ++d) on[2 * d] = row[d * s3];
-          } else {
-            for (int64_t d = 0; d < D; ++d) on[2 * d] = T(0);
+          for (int64_t d = 0; d < D; ++d) on[2 * d] = n < rows ? row[d * s3] : T(0);
+        }
+        continue;
+      }
+      // k^T: a transpose, done in chunks of kChunk keys so that the rows read stay in L1 while
+      // every output row is written contiguously.
+      constexpr int64_t kChunk = 32;
+      const bool pairs = kind == Pack::KtVnni && sizeof(T) == 2 && s3 == 1 && D % 2 == 0;
+      for (int64_t n0 = 0; n0 < kvb; n0 += kChunk) {
+        const int64_t n1 = std::min(n0 + kChunk, kvb), valid = std::min(n1, rows);
+        if (pairs) {  // move (d, d+1) pairs as one 32-bit word: word (d/2, n) of the VNNI block
+          uint32_t* o32 = reinterpret_cast<uint32_t*>(o);
+          for (int64_t d2 = 0; d2 < Dp / 2; ++d2) {
+            uint32_t* od = o32 + d2 * kvb;
+            for (int64_t n = n0; n < valid; ++n) std::memcpy(od + n, blk + n * s2 + 2 * d2, 4);
+            for (int64_t n = std::max(valid, n0); n < n1; ++n) od[n] = 0;
+          }
+        } else if (kind == Pack::KtPlain) {
+          for (int64_t d = 0; d < Dp; ++d) {
+            T* od = o + d * kvb;
+            for (int64_t n = n0; n < n1; ++n) od[n] = n < rows && d < D ? blk[n * s2 + d * s3] : T(0);
+          }
+        } else {
+          for (int64_t d = 0; d < Dp; ++d) {
+            T* od = o + (d >> 1) * 2 * kvb + (d & 1);
+            for (int64_t n = n0; n < n1; ++n)
+              od[2 * n] = n < rows && d < D ? blk[n * s2 + d * s3] : T(0);
           }
         }
       }

@@ -83,18 +83,21 @@ def test_attention_random_shapes(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", cpu_backends("attention"))
-def test_attention_noncontiguous_views(backend):
-    # q sliced from a fused qkv projection, k/v with a stride on every axis, D not contiguous.
-    qkv = torch.randn(2, 21, 3, 4, 16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_noncontiguous_views(backend, dtype):
+    # q sliced from a fused qkv projection, k/v with a stride on every axis.
+    qkv = torch.randn(2, 21, 3, 4, 16).to(dtype)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     out = ops.attention(q, k, v, causal=True, backend=backend)
-    _check(out, q, k, v, True, None, torch.float32)
-    qt = torch.randn(2, 4, 16, 21).transpose(2, 3)  # last dim strided
-    out = ops.attention(qt, k[:, ::2], v[:, ::2], backend=backend)
-    _check(out, qt, k[:, ::2], v[:, ::2], False, None, torch.float32)
-    kx = torch.randn(2, 1, 1, 16).expand(2, 2, 9, 16)  # stride-0 (broadcast) keys
+    _check(out, q, k, v, True, None, dtype)
+    # every last dim strided, and kv heads taken with a step
+    qt = torch.randn(2, 4, 16, 21).to(dtype).transpose(2, 3)
+    kt = torch.randn(2, 4, 16, 9).to(dtype).transpose(2, 3)[:, ::2]
+    out = ops.attention(qt, kt, kt, backend=backend)
+    _check(out, qt, kt, kt, False, None, dtype)
+    kx = torch.randn(2, 1, 1, 16).to(dtype).expand(2, 2, 9, 16)  # stride-0 (broadcast) keys
     out = ops.attention(q[:, :2], kx, kx, backend=backend)
-    _check(out, q[:, :2], kx, kx, False, None, torch.float32)
+    _check(out, q[:, :2], kx, kx, False, None, dtype)
 
 
 @pytest.mark.parametrize("backend", cpu_backends("attention"))
