@@ -391,9 +391,10 @@ int64_t row_ld(const at::Tensor& t) {
   return t.size(2) <= 1 ? t.size(3) : t.stride(2);
 }
 
+// AMX bf16 products through oneDNN (false without AMX, or when oneDNN is disabled at runtime
+// with torch.backends.mkldnn.enabled = False; asked on every call for that reason).
 bool use_amx_bf16() {
-  static const bool ok = at::native::cpublas::could_pack(at::kBFloat16);
-  return ok;
+  return at::native::cpublas::could_pack(at::kBFloat16);
 }
 
 // Key/value operands packed per key block of kvb keys (zeros beyond Tk and D), from k or v
