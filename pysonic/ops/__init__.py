@@ -5,8 +5,11 @@ Every function takes ``backend="auto" | "cpp" | "cuda" | "triton" | "reference"`
 """
 from pysonic.ops import reference
 from pysonic.ops._backends import BACKENDS, BackendUnavailable, available_backends
+from pysonic.ops.rvq import rvq_decode, rvq_encode
 from pysonic.ops.attention import attention
 from pysonic.ops.steps import diffusion_step, flow_step
+from pysonic.ops.rotary import rotary
+from pysonic.ops.conformer_conv import conformer_conv
 
 __all__ = [
     "BACKENDS",
@@ -16,4 +19,8 @@ __all__ = [
     "attention",
     "flow_step",
     "diffusion_step",
+    "rvq_encode",
+    "rvq_decode",
+    "rotary",
+    "conformer_conv",
 ]

@@ -27,23 +27,34 @@ def _load():
         error = "the triton package is not installed (pip install triton)"
     else:
         try:
-            module = importlib.import_module("pysonic.triton_kernels")
-        except ModuleNotFoundError:
-            # A source checkout built in place: load kernels/triton from beside the package.
-            src = Path(__file__).resolve().parents[2] / "kernels" / "triton" / "__init__.py"
-            if src.exists():
-                spec = importlib.util.spec_from_file_location(
-                    "pysonic.triton_kernels", src, submodule_search_locations=[str(src.parent)]
-                )
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[spec.name] = module
-                spec.loader.exec_module(module)
-            else:
-                error = "pysonic.triton_kernels is not installed with this copy of pysonic"
-        except Exception as exc:  # a broken triton install must not break pysonic
-            error = f"importing the Triton kernels failed: {exc}"
+            try:
+                module = importlib.import_module("pysonic.triton_kernels")
+            except ModuleNotFoundError as exc:
+                if exc.name != "pysonic.triton_kernels":  # something the kernels import is missing
+                    raise
+                module = _load_from_source()
+                if module is None:
+                    error = "pysonic.triton_kernels is not installed with this copy of pysonic"
+        except Exception as exc:  # a broken triton install (or kernel file) must not break pysonic
+            module, error = None, f"importing the Triton kernels failed: {exc}"
+            for name in [n for n in sys.modules if n == "pysonic.triton_kernels" or n.startswith("pysonic.triton_kernels.")]:
+                del sys.modules[name]  # no half-initialised package left behind
     _state.update(module=module, error=error)
     return module, error
+
+
+def _load_from_source():
+    """A source checkout built in place: load kernels/triton from beside the package (or None)."""
+    src = Path(__file__).resolve().parents[2] / "kernels" / "triton" / "__init__.py"
+    if not src.exists():
+        return None
+    spec = importlib.util.spec_from_file_location(
+        "pysonic.triton_kernels", src, submodule_search_locations=[str(src.parent)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def why_unavailable(op: str, device: torch.device) -> str | None:
