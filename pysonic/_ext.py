@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import warnings
 
+import torch  # noqa: F401  (loads libtorch/libc10, which pysonic._C links against)
+
 try:
     from pysonic import _C  # noqa: F401
 

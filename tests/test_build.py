@@ -24,6 +24,13 @@ def test_build_info_reports_the_build():
         assert hasattr(torch.ops.pysonic, op), op
 
 
+def test_import_pysonic_first_loads_the_extension():
+    # pysonic._C links against libtorch: importing pysonic before torch must still load it.
+    code = "import pysonic; info = pysonic.build_info(); assert info['compiled'], info; print('ok')"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
 def test_import_without_extension_warns_and_uses_reference():
     # A failed or missing build must leave pysonic usable on the reference path.
     code = textwrap.dedent(
