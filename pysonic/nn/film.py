@@ -7,8 +7,6 @@ convolution that gives the per-channel, per-time ``shift`` and ``scale`` a UBloc
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -35,7 +33,9 @@ def noise_level_encoding(noise_level: torch.Tensor, dim: int, *, scale: float = 
         raise ValueError(f"noise_level_encoding: noise_level must have shape [B], got {tuple(noise_level.shape)}")
     half = dim // 2
     steps = torch.arange(half, dtype=noise_level.dtype, device=noise_level.device) / half
-    freqs = torch.exp(-math.log(1e4) * steps)
+    # 1e-4 ** (i / h) as ivanvovk computes it, in the level's dtype: with scale 5000 the angles reach
+    # thousands of radians, so the rounding of the frequencies matters at the 1e-4 level.
+    freqs = torch.pow(1e-4, steps)
     angles = (scale * noise_level)[:, None] * freqs[None, :]
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 

@@ -44,6 +44,42 @@ def check_betas(betas, *, where: str = "WaveGrad.generate") -> torch.Tensor:
     return b
 
 
+def step_coefficients(betas: torch.Tensor, clip: str) -> list[dict[str, float]]:
+    """Per-step sampler coefficients, indexed by step n (0 = last).
+
+    ``clip="output"`` (LMNT): ``c1 = 1 / sqrt(alpha_n)``, ``c2 = (1 - alpha_n) / sqrt(1 - alpha_bar_n)``,
+    ``sigma = sqrt((1 - alpha_bar_{n-1}) / (1 - alpha_bar_n) * beta_n)`` (0 for n = 0), computed in
+    float64 as its numpy code does.
+
+    ``clip="denoised"`` (ivanvovk): the clean-signal estimate ``y0 = y0_c1 * (x - y0_c2 * eps)`` and the
+    posterior ``coef1 * y0 + coef2 * x + sigma * z``, computed in float32 like its registered
+    buffers: with betas near 1e-6, ``1 - alpha_bar`` loses digits in float32 and its checkpoints'
+    samples depend on that, so this reproduces it rather than the exact values.
+    The noise level fed to the network is ``sqrt(alpha_bar_n)`` in both.
+    """
+    dt = torch.float32 if clip == "denoised" else torch.float64
+    b = betas.to(dt)
+    a = 1.0 - b
+    ab = torch.cumprod(a, 0)
+    ab_prev = torch.cat([torch.ones(1, dtype=dt), ab[:-1]])
+    var = b * (1.0 - ab_prev) / (1.0 - ab)
+    level = ab.sqrt()
+    c1 = 1.0 / a.sqrt()
+    c2 = (1.0 - a) / (1.0 - ab).sqrt()
+    recip = (1.0 / ab).sqrt()
+    coef1 = b * ab_prev.sqrt() / (1.0 - ab)
+    coef2 = (1.0 - ab_prev) * a.sqrt() / (1.0 - ab)
+    out = []
+    for n in range(b.numel()):
+        out.append({
+            "level": float(level[n]), "c1": float(c1[n]), "c2": float(c2[n]),
+            "sigma": math.sqrt(float(var[n])) if n > 0 else 0.0,
+            "y0_c1": float(recip[n]), "y0_c2": float((1.0 - ab[n]).sqrt()),
+            "coef1": float(coef1[n]), "coef2": float(coef2[n]),
+        })
+    return out
+
+
 class WaveGrad(nn.Module):
     """Mel-conditioned diffusion vocoder (Chen et al., 2020).
 
@@ -209,9 +245,7 @@ class WaveGrad(nn.Module):
                 return noise[k]
             return torch.randn(batch, length, generator=generator, device=device, dtype=torch.float32)
 
-        alphas = 1.0 - betas
-        alpha_bar = torch.cumprod(alphas, 0)
-        levels = alpha_bar.sqrt()
+        coefs = step_coefficients(betas, self.config.clip)
         use_autocast = dtype != torch.float32
         with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
             mel_features = self.net.encode_mel(mel)
@@ -222,28 +256,21 @@ class WaveGrad(nn.Module):
 
             steps = tqdm(steps, desc="WaveGrad", total=iterations)
         for k, n in enumerate(steps):
-            level = torch.full((batch,), float(levels[n]), device=device, dtype=torch.float32)
+            c = coefs[n]
+            level = torch.full((batch,), c["level"], device=device, dtype=torch.float32)
             with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
                 eps = self.net(x, None, level, mel_features=mel_features)
             eps = eps.to(torch.float32)
-            a, ab = float(alphas[n]), float(alpha_bar[n])
-            ab_prev = float(alpha_bar[n - 1]) if n > 0 else 1.0
             step_noise = draw(k + 1) if n > 0 else None
-            sigma = math.sqrt((1.0 - ab_prev) / (1.0 - ab) * float(betas[n])) if n > 0 else 0.0
             if self.config.clip == "output":
                 # LMNT: x <- clamp(c1 * (x - c2 * eps) + sigma * z, -1, 1); one fused op.
-                x = ops.diffusion_step(
-                    x, eps, step_noise, 1.0 / math.sqrt(a), (1.0 - a) / math.sqrt(1.0 - ab), sigma,
-                    clip=1.0, backend=backend,
-                )
+                x = ops.diffusion_step(x, eps, step_noise, c["c1"], c["c2"], c["sigma"], clip=1.0, backend=backend)
             else:
                 # ivanvovk (clip_denoised): y0 = clamp((x - sqrt(1 - ab) * eps) / sqrt(ab), -1, 1), then the
                 # posterior mean coef1 * y0 + coef2 * x plus sigma * z. Unclamped, this equals the c1/c2 update;
                 # the clamp sits between the two affine maps, so it takes two fused steps.
-                y0 = ops.diffusion_step(x, eps, None, 1.0 / math.sqrt(ab), math.sqrt(1.0 - ab), 0.0, clip=1.0, backend=backend)
-                coef1 = float(betas[n]) * math.sqrt(ab_prev) / (1.0 - ab)
-                coef2 = (1.0 - ab_prev) * math.sqrt(a) / (1.0 - ab)
-                x = ops.diffusion_step(y0, x, step_noise, coef1, -coef2 / coef1, sigma, backend=backend)
+                y0 = ops.diffusion_step(x, eps, None, c["y0_c1"], c["y0_c2"], 0.0, clip=1.0, backend=backend)
+                x = ops.diffusion_step(y0, x, step_noise, c["coef1"], -c["coef2"] / c["coef1"], c["sigma"], backend=backend)
         return x
 
 
