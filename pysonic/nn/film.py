@@ -40,6 +40,34 @@ def noise_level_encoding(noise_level: torch.Tensor, dim: int, *, scale: float = 
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
+class Conv1d(nn.Conv1d):
+    """Conv1d that also runs on [B, C, 1, T] channels-last activations (the fast inference layout).
+
+    ``prepare(dtype)`` caches the weight as [O, C, 1, k] channels-last in ``dtype``: oneDNN then
+    skips its per-call layout reorders, and bf16 uses the AMX kernels. Parameters and state-dict
+    names are those of ``nn.Conv1d``.
+    """
+
+    _fast: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def prepare(self, dtype: torch.dtype | None) -> None:
+        if dtype is None:
+            self._fast = None
+            return
+        w = self.weight.detach()[:, :, None, :].to(dtype).contiguous(memory_format=torch.channels_last)
+        b = None if self.bias is None else self.bias.detach().to(dtype)
+        self._fast = (w, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            if self._fast is None or self._fast[0].dtype != x.dtype:
+                raise RuntimeError("Conv1d: call prepare(dtype) before running on 4-D channels-last activations")
+            w, b = self._fast
+            return F.conv2d(x, w, b, padding=(0, self.padding[0]), dilation=(1, self.dilation[0]))
+        return super().forward(x)
+
+
+
 class FiLM(nn.Module):
     """Noise-level conditioned FiLM generator.
 
@@ -54,15 +82,15 @@ class FiLM(nn.Module):
         if in_channels % 2:
             raise ValueError(f"FiLM: in_channels must be even for the sin/cos encoding, got {in_channels}")
         self.in_channels, self.out_channels, self.pe_scale = in_channels, out_channels, float(pe_scale)
-        self.input_conv = nn.Conv1d(in_channels, in_channels, 3, padding=1)
+        self.input_conv = Conv1d(in_channels, in_channels, 3, padding=1)
         # One convolution for both outputs: channels [0, C) are the shift, [C, 2C) the scale.
-        self.output_conv = nn.Conv1d(in_channels, 2 * out_channels, 3, padding=1)
+        self.output_conv = Conv1d(in_channels, 2 * out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, noise_level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, C_in, T]; noise_level: [B]. Returns (shift, scale), each [B, C_out, T]."""
+        """x: [B, C_in, T] (or [B, C_in, 1, T]); noise_level: [B]. Returns (shift, scale), each [B, C_out, ...]."""
         h = F.leaky_relu(self.input_conv(x), 0.2)
         enc = noise_level_encoding(noise_level.to(torch.float32), self.in_channels, scale=self.pe_scale)
-        h = h + enc.to(h.dtype)[:, :, None]
+        h = h + enc.to(h.dtype).reshape(enc.shape + (1,) * (h.dim() - 2))
         shift, scale = self.output_conv(h).chunk(2, dim=1)
         return shift, scale
 

@@ -11,19 +11,22 @@ from torch import nn
 from torch.nn import functional as F
 
 from pysonic.models.wavegrad.config import WaveGradConfig
-from pysonic.nn.film import FiLM, film_modulate
+from pysonic.nn.film import Conv1d, FiLM, film_modulate
 
 _SLOPE = 0.2  # leaky ReLU slope everywhere in WaveGrad
 
 
 def _resample(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """Resample the last axis of [B, C, T] or [B, C, 1, T] to ``size``."""
+    if x.dim() == 4:  # bilinear with height 1 -> 1 is linear along time
+        return F.interpolate(x, size=(1, size), mode="bilinear" if mode == "linear" else "nearest", align_corners=None if mode != "linear" else False)
     if mode == "linear":
         return F.interpolate(x, size=size, mode="linear", align_corners=False)
     return F.interpolate(x, size=size, mode="nearest")
 
 
-def _conv(cin: int, cout: int, k: int, dilation: int = 1) -> nn.Conv1d:
-    return nn.Conv1d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation)
+def _conv(cin: int, cout: int, k: int, dilation: int = 1) -> Conv1d:
+    return Conv1d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation)
 
 
 class DBlock(nn.Module):
@@ -99,6 +102,15 @@ class WaveGradNet(nn.Module):
         self.out_conv = _conv(c.upsampling_out_channels[-1], 1, 3)
         assert len(self.films) == n
 
+    def prepare(self, dtype: torch.dtype | None) -> None:
+        """Cache the convolution weights for the channels-last path in ``dtype`` (None frees them).
+
+        Call again after changing the weights. :meth:`forward` with ``channels_last=True`` needs it.
+        """
+        for m in self.modules():
+            if isinstance(m, Conv1d):
+                m.prepare(dtype)
+
     def encode_mel(self, mel: torch.Tensor) -> torch.Tensor:
         """The mel's first convolution, which does not change across sampler iterations. [B, n_mels, T] -> [B, C, T]."""
         return self.mel_conv(mel)
@@ -110,6 +122,7 @@ class WaveGradNet(nn.Module):
         noise_level: torch.Tensor,
         *,
         mel_features: torch.Tensor | None = None,
+        channels_last: bool = False,
     ) -> torch.Tensor:
         """Predict the noise.
 
@@ -117,7 +130,10 @@ class WaveGradNet(nn.Module):
             audio: noisy waveform [B, T * hop].
             mel: conditioning mel [B, n_mels, T] (or None when ``mel_features`` is given).
             noise_level: sqrt(alpha_bar) per item, [B] (or [B, 1]).
-            mel_features: ``encode_mel(mel)``, cached across iterations.
+            mel_features: ``encode_mel(mel)``, cached across iterations (for ``channels_last``: of
+                ``to_channels_last(mel)``).
+            channels_last: run on [B, C, 1, T] channels-last activations in the dtype given to
+                :meth:`prepare` (inference only; ``audio`` may be float32, it is converted).
 
         Returns:
             predicted noise [B, T * hop].
@@ -125,7 +141,13 @@ class WaveGradNet(nn.Module):
         if noise_level.dim() == 2:
             noise_level = noise_level.reshape(-1)
         stats = []
-        h = self.audio_conv(audio.unsqueeze(1))
+        if channels_last:
+            dtype = self.audio_conv._fast[0].dtype if self.audio_conv._fast is not None else audio.dtype
+            h = self.audio_conv(to_channels_last(audio.unsqueeze(1), dtype))
+            if mel is not None:
+                mel = to_channels_last(mel, dtype)
+        else:
+            h = self.audio_conv(audio.unsqueeze(1))
         stats.append(self.films[0](h, noise_level))
         for dblock, film in zip(self.dblocks, self.films[1:]):
             h = dblock(h)
@@ -133,4 +155,9 @@ class WaveGradNet(nn.Module):
         x = self.encode_mel(mel) if mel_features is None else mel_features
         for ublock, (shift, scale) in zip(self.ublocks, reversed(stats)):
             x = ublock(x, shift, scale)
-        return self.out_conv(x).squeeze(1)
+        return self.out_conv(x).reshape(audio.shape[0], -1)
+
+
+def to_channels_last(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[B, C, T] -> [B, C, 1, T] channels-last (in ``dtype``)."""
+    return x[:, :, None, :].to(dtype or x.dtype).contiguous(memory_format=torch.channels_last)

@@ -15,7 +15,7 @@ from pysonic.checkpoints import CheckpointError, load_into, read_state_dict
 from pysonic.models.wavegrad.config import WaveGradConfig, from_ivanvovk_json, ivanvovk_default, lmnt_default
 from pysonic.models.wavegrad.convert import convert
 from pysonic.models.wavegrad.mel import MelSpectrogram
-from pysonic.models.wavegrad.model import WaveGradNet
+from pysonic.models.wavegrad.model import WaveGradNet, to_channels_last
 
 # Noise schedules shipped with the package, by iteration count (betas, float64). Searched
 # schedules are added here once produced by pysonic's own search.
@@ -217,8 +217,8 @@ class WaveGrad(nn.Module):
             generator: torch.Generator for the starting noise and the per-step noise.
             noise: instead of drawing, the noise to use: [iterations, B, T * hop]; ``noise[0]`` is the
                 start, ``noise[k]`` is added after iteration k (the last iteration adds none).
-            dtype: torch.float32, or torch.bfloat16 to run the network under CPU/CUDA autocast
-                (the sample and the update stay float32).
+            dtype: the network's dtype: torch.float32, or torch.bfloat16 (weights and activations;
+                the sample and the update stay float32).
             backend: backend of ``pysonic.ops.diffusion_step``.
             progress: show a tqdm progress bar.
 
@@ -246,31 +246,37 @@ class WaveGrad(nn.Module):
             return torch.randn(batch, length, generator=generator, device=device, dtype=torch.float32)
 
         coefs = step_coefficients(betas, self.config.clip)
-        use_autocast = dtype != torch.float32
-        with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
-            mel_features = self.net.encode_mel(mel)
-        x = draw(0)
-        steps = range(iterations - 1, -1, -1)
-        if progress:
-            from tqdm import tqdm
+        # Inference layout: [B, C, 1, T] channels-last activations in `dtype`, weights cached once.
+        self.net.prepare(dtype)
+        try:
+            mel_features = self.net.encode_mel(to_channels_last(mel, dtype))
+            x = draw(0)
+            steps = range(iterations - 1, -1, -1)
+            if progress:
+                from tqdm import tqdm
 
-            steps = tqdm(steps, desc="WaveGrad", total=iterations)
-        for k, n in enumerate(steps):
-            c = coefs[n]
-            level = torch.full((batch,), c["level"], device=device, dtype=torch.float32)
-            with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
-                eps = self.net(x, None, level, mel_features=mel_features)
-            eps = eps.to(torch.float32)
-            step_noise = draw(k + 1) if n > 0 else None
-            if self.config.clip == "output":
-                # LMNT: x <- clamp(c1 * (x - c2 * eps) + sigma * z, -1, 1); one fused op.
-                x = ops.diffusion_step(x, eps, step_noise, c["c1"], c["c2"], c["sigma"], clip=1.0, backend=backend)
-            else:
-                # ivanvovk (clip_denoised): y0 = clamp((x - sqrt(1 - ab) * eps) / sqrt(ab), -1, 1), then the
-                # posterior mean coef1 * y0 + coef2 * x plus sigma * z. Unclamped, this equals the c1/c2 update;
-                # the clamp sits between the two affine maps, so it takes two fused steps.
-                y0 = ops.diffusion_step(x, eps, None, c["y0_c1"], c["y0_c2"], 0.0, clip=1.0, backend=backend)
-                x = ops.diffusion_step(y0, x, step_noise, c["coef1"], -c["coef2"] / c["coef1"], c["sigma"], backend=backend)
+                steps = tqdm(steps, desc="WaveGrad", total=iterations)
+            for k, n in enumerate(steps):
+                x = self._iteration(x, n, k, coefs[n], mel_features, draw, backend)
+        finally:
+            self.net.prepare(None)
+        return x
+
+    def _iteration(self, x, n, k, c, mel_features, draw, backend):
+        """One denoising iteration at step n (the k-th done): network, then the fused update(s)."""
+        batch = x.shape[0]
+        level = torch.full((batch,), c["level"], device=x.device, dtype=torch.float32)
+        eps = self.net(x, None, level, mel_features=mel_features, channels_last=True).to(torch.float32)
+        step_noise = draw(k + 1) if n > 0 else None
+        if self.config.clip == "output":
+            # LMNT: x <- clamp(c1 * (x - c2 * eps) + sigma * z, -1, 1); one fused op.
+            x = ops.diffusion_step(x, eps, step_noise, c["c1"], c["c2"], c["sigma"], clip=1.0, backend=backend)
+        else:
+            # ivanvovk (clip_denoised): y0 = clamp((x - sqrt(1 - ab) * eps) / sqrt(ab), -1, 1), then the
+            # posterior mean coef1 * y0 + coef2 * x plus sigma * z. Unclamped, this equals the c1/c2 update;
+            # the clamp sits between the two affine maps, so it takes two fused steps.
+            y0 = ops.diffusion_step(x, eps, None, c["y0_c1"], c["y0_c2"], 0.0, clip=1.0, backend=backend)
+            x = ops.diffusion_step(y0, x, step_noise, c["coef1"], -c["coef2"] / c["coef1"], c["sigma"], backend=backend)
         return x
 
 
