@@ -252,3 +252,39 @@ def test_mel_bad_input():
         front(torch.randn(1, 1, 3000))
     with pytest.raises(TypeError, match="floating-point"):
         front(torch.zeros(3000, dtype=torch.int16))
+
+
+# ---------------------------------------------------------------- channels-last inference path
+
+@pytest.mark.parametrize("model", ["small", "small_lmnt_style"])
+def test_channels_last_path_matches_plain(model, request):
+    net = request.getfixturevalue(model).net
+    n_mels, hop = net.config.n_mels, net.config.hop_length
+    mel, audio, level = torch.randn(2, n_mels, 5), torch.randn(2, 5 * hop).clamp(-1, 1), torch.tensor([0.2, 0.95])
+    with torch.no_grad():
+        plain = net(audio, mel, level)
+        with pytest.raises(RuntimeError, match="prepare"):
+            net(audio, mel, level, channels_last=True)
+        try:
+            net.prepare(torch.float32)
+            fast = net(audio, mel, level, channels_last=True)
+            net.prepare(torch.bfloat16)
+            low = net(audio, mel, level, channels_last=True)
+        finally:
+            net.prepare(None)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)  # same math, other conv algorithm
+    assert low.dtype == torch.bfloat16
+    rel = (low.float() - plain).norm() / plain.norm()
+    assert rel < 0.05  # bf16 weights and activations through ~20 layers
+
+
+def test_noise_level_encoding_formula():
+    from pysonic.nn.film import noise_level_encoding
+
+    level = torch.tensor([0.0, 0.5, 1.0])
+    enc = noise_level_encoding(level, 8, scale=5000.0)
+    i = torch.arange(4, dtype=torch.float32)
+    angles = 5000.0 * level[:, None] * 1e-4 ** (i / 4)
+    torch.testing.assert_close(enc, torch.cat([angles.sin(), angles.cos()], 1))
+    with pytest.raises(ValueError, match="shape \\[B\\]"):
+        noise_level_encoding(torch.zeros(2, 2), 8)
