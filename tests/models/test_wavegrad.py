@@ -288,3 +288,16 @@ def test_noise_level_encoding_formula():
     torch.testing.assert_close(enc, torch.cat([angles.sin(), angles.cos()], 1))
     with pytest.raises(ValueError, match="shape \\[B\\]"):
         noise_level_encoding(torch.zeros(2, 2), 8)
+
+
+def test_fibonacci_schedule(small):
+    from pysonic.models.wavegrad import fibonacci_betas
+
+    b = fibonacci_betas(25)
+    assert b[0] == 1e-6 and b[1] == 9e-6 and b[-1] < 1
+    torch.testing.assert_close(b[2:], b[1:-1] + b[:-2])
+    torch.testing.assert_close(small.resolve_schedule(7, "fibonacci"), fibonacci_betas(7))
+    with pytest.raises(ValueError, match=">= 1"):
+        fibonacci_betas(40)
+    with pytest.raises(ValueError, match="positive int"):
+        fibonacci_betas(0)

@@ -16,15 +16,11 @@ from pysonic.models.wavegrad.config import WaveGradConfig, from_ivanvovk_json, i
 from pysonic.models.wavegrad.convert import convert
 from pysonic.models.wavegrad.mel import MelSpectrogram
 from pysonic.models.wavegrad.model import WaveGradNet, to_channels_last
+from pysonic.models.wavegrad.schedules import fibonacci_betas, linear_betas
 
 # Noise schedules shipped with the package, by iteration count (betas, float64). Searched
 # schedules are added here once produced by pysonic's own search.
 PACKAGED_SCHEDULES: dict[int, Sequence[float]] = {}
-
-
-def linear_betas(steps: int, start: float = 1e-6, end: float = 0.01) -> torch.Tensor:
-    """Linearly spaced betas, float64 [steps] (the training schedule of both peers)."""
-    return torch.linspace(start, end, steps, dtype=torch.float64)
 
 
 def check_betas(betas, *, where: str = "WaveGrad.generate") -> torch.Tensor:
@@ -153,7 +149,8 @@ class WaveGrad(nn.Module):
         """The betas for ``generate``: given ones, a named schedule, or a packaged one.
 
         ``schedule`` may be a sequence / 1-D tensor of betas (its length must equal
-        ``iterations``), ``"linear"`` (betas from 1e-6 to 0.01), or None: a schedule shipped
+        ``iterations``), ``"linear"`` (betas from 1e-6 to 0.01), ``"fibonacci"``
+        (:func:`fibonacci_betas` from 1e-6, 9e-6), or None: a schedule shipped
         for that iteration count, or the training schedule when ``iterations`` equals its length.
         """
         where = "WaveGrad.generate"
@@ -171,7 +168,9 @@ class WaveGrad(nn.Module):
         if isinstance(schedule, str):
             if schedule == "linear":
                 return linear_betas(iterations)
-            raise ValueError(f"{where}: unknown schedule name {schedule!r} (known: 'linear')")
+            if schedule == "fibonacci":
+                return fibonacci_betas(iterations)
+            raise ValueError(f"{where}: unknown schedule name {schedule!r} (known: 'linear', 'fibonacci')")
         betas = check_betas(schedule, where=where)
         if betas.numel() != iterations:
             raise ValueError(f"{where}: schedule has {betas.numel()} betas but iterations={iterations}; pass iterations={betas.numel()}")
