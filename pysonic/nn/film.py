@@ -63,6 +63,10 @@ class Conv1d(nn.Conv1d):
             if self._fast is None or self._fast[0].dtype != x.dtype:
                 raise RuntimeError("Conv1d: call prepare(dtype) before running on 4-D channels-last activations")
             w, b = self._fast
+            if self.kernel_size[0] == 1 and x.is_contiguous(memory_format=torch.channels_last):
+                # 1x1: channels-last memory is [B, 1, T, C], so this is one GEMM with no copies.
+                out = F.linear(x.permute(0, 2, 3, 1), w[:, :, 0, 0], b)
+                return out.permute(0, 3, 1, 2)
             return F.conv2d(x, w, b, padding=(0, self.padding[0]), dilation=(1, self.dilation[0]))
         return super().forward(x)
 
