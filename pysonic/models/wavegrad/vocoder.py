@@ -212,7 +212,8 @@ class WaveGrad(nn.Module):
         Args:
             mel: [B, n_mels, T] (or [n_mels, T]) in the checkpoint's mel scale.
             iterations: number of denoising iterations.
-            schedule: betas (sequence or 1-D tensor), ``"linear"``, or None (see :meth:`resolve_schedule`).
+            schedule: betas (sequence or 1-D tensor), ``"linear"``, ``"fibonacci"``, or None (see
+                :meth:`resolve_schedule`).
             generator: torch.Generator for the starting noise and the per-step noise.
             noise: instead of drawing, the noise to use: [iterations, B, T * hop]; ``noise[0]`` is the
                 start, ``noise[k]`` is added after iteration k (the last iteration adds none).
