@@ -5,6 +5,7 @@ Every function takes ``backend="auto" | "cpp" | "cuda" | "triton" | "reference"`
 """
 from pysonic.ops import reference
 from pysonic.ops._backends import BACKENDS, BackendUnavailable, available_backends
+from pysonic.ops.rvq import rvq_decode, rvq_encode
 from pysonic.ops.steps import diffusion_step, flow_step
 
 __all__ = [
@@ -14,4 +15,6 @@ __all__ = [
     "reference",
     "flow_step",
     "diffusion_step",
+    "rvq_encode",
+    "rvq_decode",
 ]
