@@ -10,10 +10,6 @@ from torch import nn
 
 import pysonic.ops as ops
 
-# TEMPORARY until branch `rvq` is merged: the wrappers fall back to the reference definitions.
-_rvq_encode = getattr(ops, "rvq_encode", ops.reference.rvq_encode)
-_rvq_decode = getattr(ops, "rvq_decode", ops.reference.rvq_decode)
-
 
 class ResidualVectorQuantizer(nn.Module):
     """Args:
@@ -39,7 +35,7 @@ class ResidualVectorQuantizer(nn.Module):
             raise ValueError(f"ResidualVectorQuantizer.encode: n_q must be in [1, {self.n_q}], got {n_q}")
         if x.dim() != 3 or x.shape[1] != self.dim:
             raise ValueError(f"ResidualVectorQuantizer.encode: x must be [B, {self.dim}, T], got {tuple(x.shape)}")
-        codes = _rvq_encode(x.transpose(1, 2).contiguous(), self.codebooks, n_q=n_q)  # [B, T, n_q]
+        codes = ops.rvq_encode(x.transpose(1, 2).contiguous(), self.codebooks, n_q=n_q)  # [B, T, n_q]
         return codes.transpose(1, 2)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -56,5 +52,5 @@ class ResidualVectorQuantizer(nn.Module):
                 f"ResidualVectorQuantizer.decode: codes must be in [0, {self.bins}), "
                 f"got values in [{int(codes.min())}, {int(codes.max())}]")
         books = self.codebooks[: codes.shape[1]]
-        out = _rvq_decode(codes.transpose(1, 2).contiguous().long(), books)  # [B, T, dim]
+        out = ops.rvq_decode(codes.transpose(1, 2).contiguous().long(), books)  # [B, T, dim]
         return out.transpose(1, 2)
