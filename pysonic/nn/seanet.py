@@ -254,3 +254,123 @@ class SEANetDecoder(nn.Module):
         for layer in self.layers:
             z = layer(z)
         return z
+
+
+# ---------------------------------------------------------------------------- streaming
+class SEANetStream:
+    """Chunk-by-chunk evaluation of a causal :class:`SEANetEncoder` / :class:`SEANetDecoder`.
+
+    ``step(x)`` takes the next chunk ``[B, C, n]`` (any length, including 0) and returns what the
+    network can output so far; ``flush()`` ends the stream and returns the rest. The pieces
+    concatenate to the one-pass output (up to float rounding: chunked convs and the LSTM sum in a
+    different order), with memory bounded by the chunk size plus each layer's context (the last
+    ``(kernel - 1) * dilation`` inputs of a conv, the LSTM state, a transposed conv's overlap).
+
+    Only causal weight-norm / no-norm networks stream exactly: a non-causal conv looks ahead and
+    GroupNorm sees the whole signal, so those raise ``ValueError``.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        for m in net.modules():
+            if isinstance(m, (SConv1d, SConvTranspose1d)):
+                if not m.causal or m.norm_type == "time_group_norm":
+                    raise ValueError("SEANetStream: only causal SEANet networks without GroupNorm can stream")
+                if isinstance(m, SConvTranspose1d) and m.trim_right_ratio != 1.0:
+                    raise ValueError("SEANetStream: transposed convs must trim on the right (trim_right_ratio=1)")
+        self.net = net
+        self.state: dict[int, dict] = {}
+        self.done = False
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        if self.done:
+            raise RuntimeError("SEANetStream: step() after flush()")
+        return self._run(self.net.layers, x, final=False)
+
+    def flush(self) -> torch.Tensor:
+        if self.done:
+            raise RuntimeError("SEANetStream: flush() called twice")
+        self.done = True
+        return self._run(self.net.layers, None, final=True)
+
+    # Each module's streaming rule. ``x`` None means "no new input" (flush).
+    def _run(self, layers, x, final: bool):
+        for layer in layers:
+            x = self._module(layer, x, final)
+        return x
+
+    def _module(self, m: nn.Module, x, final: bool):
+        st = self.state.setdefault(id(m), {})
+        if isinstance(m, SConv1d):
+            return self._conv(m, x, st, final)
+        if isinstance(m, SConvTranspose1d):
+            return self._convtr(m, x, st, final)
+        if isinstance(m, SLSTM):
+            if x is None or x.shape[-1] == 0:
+                return x
+            seq = x.permute(2, 0, 1)
+            y, st["hc"] = m.lstm(seq, st.get("hc"))
+            return (y + seq).permute(1, 2, 0)
+        if isinstance(m, SEANetResBlock):
+            a = self._run(m.block, x, final)
+            b = x if isinstance(m.shortcut, nn.Identity) else self._module(m.shortcut, x, final)
+            # the branches may hold back different amounts at the start: sum what both have
+            a = _cat(st.pop("a", None), a)
+            b = _cat(st.pop("b", None), b)
+            if a is None or b is None:
+                st["a"], st["b"] = a, b
+                return None
+            n = min(a.shape[-1], b.shape[-1])
+            st["a"], st["b"] = a[..., n:], b[..., n:]
+            return a[..., :n] + b[..., :n]
+        if isinstance(m, nn.ELU):
+            return None if x is None else m(x)
+        raise ValueError(f"SEANetStream: cannot stream a {type(m).__name__}")
+
+    @staticmethod
+    def _conv(m: SConv1d, x, st: dict, final: bool):
+        buf = _cat(st.get("buf"), x)
+        st["seen"] = st.get("seen", 0) + (0 if x is None else x.shape[-1])
+        if buf is None:
+            return None
+        total, eff = m.padding_total, (m.kernel_size - 1) * m.dilation + 1
+        if not st.get("started"):
+            if final:  # the whole input was shorter than the left pad: the one-pass rule
+                st["buf"] = None
+                return m(buf)
+            if buf.shape[-1] <= total:
+                st["buf"] = buf
+                return None
+            buf = pad1d(buf, total, 0, m.pad_mode)  # left pad from the signal's first samples
+            st["started"] = True
+        if final:
+            buf = pad1d(buf, 0, extra_padding(st["seen"], eff, m.stride, total), m.pad_mode)
+            st["buf"] = None
+            if buf.shape[-1] < eff:
+                return buf[..., :0].new_zeros(buf.shape[0], m.bias.shape[0], 0)
+        n_out = (buf.shape[-1] - eff) // m.stride + 1 if buf.shape[-1] >= eff else 0
+        if not final:
+            st["buf"] = buf[..., n_out * m.stride :]
+        if n_out == 0:
+            return None
+        y = F.conv1d(buf[..., : (n_out - 1) * m.stride + eff], m._weight(), m.bias, m.stride, 0, m.dilation)
+        return y
+
+    @staticmethod
+    def _convtr(m: SConvTranspose1d, x, st: dict, final: bool):
+        if x is None or x.shape[-1] == 0:
+            return None  # at the end the carried overlap is dropped: it is the one-pass right trim
+        y = F.conv_transpose1d(x, m._weight(), None, m.stride)
+        tail = st.get("tail")
+        if tail is not None:
+            y[..., : tail.shape[-1]] += tail
+        n = x.shape[-1] * m.stride
+        st["tail"] = y[..., n:].clone()
+        return y[..., :n] + m.bias.view(1, -1, 1)
+
+
+def _cat(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return torch.cat([a, b], dim=-1)
