@@ -18,6 +18,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from torch import nn
 from pysonic.checkpoints import CheckpointError, load_into, read_state_dict
 from pysonic.checkpoints import encodec as convert
 from pysonic.nn.rvq import ResidualVectorQuantizer
-from pysonic.nn.seanet import SEANetDecoder, SEANetEncoder
+from pysonic.nn.seanet import SEANetDecoder, SEANetEncoder, SEANetStream
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,76 @@ class EncodecModel(nn.Module):
                 out = out * scales[:, s].to(out.dtype).view(-1, 1, 1)
             frames.append(out)
         return _linear_overlap_add(frames, self._segment_stride())
+
+    # ------------------------------------------------------------------ streaming
+    def _check_streamable(self, op: str) -> None:
+        if not self.config.causal or self.config.segment is not None:
+            raise ValueError(f"EncodecModel.{op}: streaming needs a causal, unsegmented model (the 24 kHz "
+                             "one); segmented models (48 kHz) already encode segment by segment in encode()")
+
+    @torch.no_grad()
+    def encode_stream(self, chunks: Iterable[torch.Tensor], bandwidth: float | None = None) -> Iterator[torch.Tensor]:
+        """Encode audio arriving in chunks ``[B, channels, n_i]`` (any lengths); yields codes
+        ``[B, n_q, t_i]`` as soon as frames are complete. Concatenated, the codes equal
+        ``encode`` of the whole signal (causal models only), with memory bounded by the chunk.
+        Latency: the first codes wait until every conv's left (reflect) pad can be built from
+        the signal's start (7 frames for the published layout); after that, one hop."""
+        self._check_streamable("encode_stream")
+        n_q = self.config.n_q_for_bandwidth(bandwidth)
+        stream, seen = SEANetStream(self.encoder), 0
+        dtype = self.encoder.layers[0].bias.dtype
+        for chunk in chunks:
+            if chunk.shape[-1] == 0:
+                continue
+            self._check_wav(chunk)
+            seen += chunk.shape[-1]
+            emb = stream.step(chunk.to(dtype))
+            if emb is not None and emb.shape[-1]:
+                yield self.quantizer.encode(emb, n_q=n_q)
+        if seen == 0:
+            raise ValueError("EncodecModel.encode_stream: empty audio (no samples in any chunk)")
+        emb = stream.flush()
+        if emb is not None and emb.shape[-1]:
+            yield self.quantizer.encode(emb, n_q=n_q)
+
+    def decode_stream(self, code_chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Decode codes arriving in chunks ``[B, n_q, t_i]``; yields audio as it is complete.
+        Concatenated, it equals ``decode`` of all the codes (causal models only)."""
+        self._check_streamable("decode_stream")
+        stream = SEANetStream(self.decoder)
+        for codes in code_chunks:
+            if codes.shape[-1] == 0:
+                continue
+            out = stream.step(self.quantizer.decode(codes))
+            if out is not None and out.shape[-1]:
+                yield out
+        out = stream.flush()
+        if out is not None and out.shape[-1]:
+            yield out
+
+    def encode_chunked(self, wav: torch.Tensor, bandwidth: float | None = None, *, chunk_seconds: float = 1.0):
+        """``encode`` with bounded working memory: causal models stream ``chunk_seconds`` at a
+        time; segmented models are processed segment by segment anyway. Same result as ``encode``
+        (up to ties in float rounding)."""
+        if self.config.segment is not None:
+            return self.encode(wav, bandwidth)
+        self._check_wav(wav)
+        step = max(1, int(chunk_seconds * self.sample_rate))
+        chunks = (wav[..., i : i + step] for i in range(0, wav.shape[-1], step))
+        return torch.cat(list(self.encode_stream(chunks, bandwidth)), dim=-1)
+
+    def decode_chunked(self, codes: torch.Tensor, scales: torch.Tensor | None = None, *,
+                       chunk_frames: int | None = None) -> torch.Tensor:
+        """``decode`` with bounded working memory (``chunk_frames``: default one second)."""
+        if self.config.segment is not None:
+            return self.decode(codes, scales)
+        if scales is not None:
+            raise ValueError("EncodecModel.decode_chunked: this model does not use scales")
+        if codes.dim() != 3 or codes.shape[-1] == 0:
+            raise ValueError(f"EncodecModel.decode_chunked: codes must be a non-empty [B, n_q, T], got {tuple(codes.shape)}")
+        step = chunk_frames or self.frame_rate
+        chunks = (codes[..., i : i + step] for i in range(0, codes.shape[-1], step))
+        return torch.cat(list(self.decode_stream(chunks)), dim=-1)
 
     # ------------------------------------------------------------------ loading
     @classmethod

@@ -259,3 +259,40 @@ def test_package_file_needs_known_architecture_or_overrides(tmp_path):
     assert dataclasses.replace(loaded.config, n_q=None) == cfg and loaded.config.n_q == cfg.num_quantizers
     wav = torch.randn(1, 1, 800)
     assert torch.equal(loaded.encode(wav), model.eval().encode(wav))
+
+
+# ---------------------------------------------------------------------------- streaming
+@pytest.mark.parametrize("n,chunk", [(1, 0.01), (3999, 0.0123), (4800, 0.05), (6001, 1.0)])
+def test_chunked_equals_one_pass(m24, n, chunk):
+    # Causal model: chunked encoding/decoding gives the one-pass result. Codes must match
+    # exactly (the float differences of chunked convs are ~1e-7 of the latent; a random tiny
+    # model has no codes that near a tie); audio within 1e-5 (fp32 summation order).
+    wav = 0.5 * torch.randn(2, 1, n, generator=torch.Generator().manual_seed(n))
+    codes = m24.encode(wav)
+    assert torch.equal(m24.encode_chunked(wav, chunk_seconds=chunk), codes)
+    ref = m24.decode(codes)
+    torch.testing.assert_close(m24.decode_chunked(codes, chunk_frames=max(1, int(chunk * 75))), ref,
+                               rtol=0, atol=1e-5)
+
+
+def test_stream_pieces_and_errors(m24, m48):
+    # the first codes come once the last conv's reflect left pad (6 frames) can be built: 3000
+    # samples (10 frames) are enough
+    wav = 0.5 * torch.randn(1, 1, 5000)
+    pieces = list(m24.encode_stream([wav[..., :3000], wav[..., 3000:3000], wav[..., 3000:]], bandwidth=3.0))
+    assert len(pieces) >= 2 and torch.equal(torch.cat(pieces, -1), m24.encode(wav, bandwidth=3.0))
+    with pytest.raises(ValueError, match="empty audio"):
+        list(m24.encode_stream([torch.zeros(1, 1, 0)]))
+    bad = wav.clone()
+    bad[..., 1500] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        list(m24.encode_stream([bad[..., :1000], bad[..., 1000:]]))
+    with pytest.raises(ValueError, match="causal"):
+        list(_model("32khz").encode_stream([wav]))
+    with pytest.raises(ValueError, match="causal"):
+        list(m48.decode_stream([torch.zeros(1, 2, 3, dtype=torch.long)]))
+    # segmented models: chunked == one pass (they are processed segment by segment anyway)
+    w48 = 0.5 * torch.randn(1, 2, 4800)
+    codes, scales = m48.encode_chunked(w48)
+    assert torch.equal(codes, m48.encode(w48)[0])
+    torch.testing.assert_close(m48.decode_chunked(codes, scales), m48.decode(codes, scales))
