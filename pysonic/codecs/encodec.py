@@ -366,3 +366,98 @@ def _package_config(arch: dict, overrides: dict, *, source: str) -> EncodecConfi
         raise CheckpointError(f"{source}: architecture {arch} matches no published EnCodec model; pass "
                               "sample_rate=, causal= and target_bandwidths= (and segment=/normalize= if used)")
     return dataclasses.replace(preset, **arch)
+
+
+# ---------------------------------------------------------------------------- files (for the CLI)
+def resample(wav: torch.Tensor, sr_in: int, sr_out: int, *, half_width: int = 16) -> torch.Tensor:
+    """Band-limited resampling of ``wav [..., N]``: Hann-windowed sinc, ``half_width`` zero
+    crossings of the lower of the two Nyquist rates each side, cut-off at 95 % of it.
+    Returns ``[..., ceil(N * sr_out / sr_in)]``."""
+    if sr_in == sr_out:
+        return wav
+    cutoff = 0.95 * min(1.0, sr_out / sr_in)  # fraction of the input Nyquist
+    w = int(math.ceil(half_width / cutoff))
+    n_in = wav.shape[-1]
+    n_out = math.ceil(n_in * sr_out / sr_in)
+    x = torch.nn.functional.pad(wav.double(), (w, w))
+    out = []
+    for start in range(0, n_out, 1 << 15):  # bounded memory: [block, 2w] weights at a time
+        n = torch.arange(start, min(n_out, start + (1 << 15)), dtype=torch.float64)
+        t = n * sr_in / sr_out  # output times in input samples
+        idx = torch.floor(t).long()[:, None] + torch.arange(-w + 1, w + 1)[None]  # [n, 2w]
+        tau = t[:, None] - idx
+        h = cutoff * torch.sinc(cutoff * tau) * 0.5 * (1 + torch.cos(math.pi * tau.clamp(-w, w) / w))
+        out.append((x[..., idx + w] * h).sum(-1))
+    return torch.cat(out, dim=-1).to(wav.dtype)
+
+
+def encode_file(path_in: str | Path, path_out: str | Path, *, checkpoint: str | Path, bandwidth: float | None = None,
+                resample_input: bool = False, chunk_seconds: float | None = None) -> dict:
+    """Encode an audio file (anything ``soundfile`` reads) to an ``.npz`` of codes.
+
+    A file at another sample rate or channel count is an error unless ``resample_input``
+    (then it is resampled and remixed: mono <-> stereo by averaging / duplicating).
+    The npz holds ``codes`` (int16 [1, n_q, T]), ``scales`` (48 kHz models), ``sample_rate``,
+    ``channels``, ``num_samples``, ``bandwidth`` and ``checkpoint`` (for ``decode_file``).
+    """
+    import numpy as np
+    import soundfile as sf
+
+    model = EncodecModel.from_pretrained(checkpoint)
+    try:
+        data, sr = sf.read(str(path_in), dtype="float32", always_2d=True)  # [N, C]
+    except Exception as exc:
+        raise ValueError(f"encode_file: cannot read audio {path_in}: {exc}") from exc
+    wav = torch.from_numpy(data.T.copy()).unsqueeze(0)  # [1, C, N]
+    if sr != model.sample_rate or wav.shape[1] != model.channels:
+        if not resample_input:
+            raise ValueError(f"encode_file: {path_in} is {sr} Hz with {wav.shape[1]} channel(s); the model "
+                             f"takes {model.sample_rate} Hz with {model.channels} (pass resample_input/--resample)")
+        if wav.shape[1] != model.channels:
+            if model.channels == 1:
+                wav = wav.mean(dim=1, keepdim=True)
+            elif wav.shape[1] == 1:
+                wav = wav.expand(-1, model.channels, -1).contiguous()
+            else:
+                raise ValueError(f"encode_file: cannot remix {wav.shape[1]} channels to {model.channels}")
+        wav = resample(wav, sr, model.sample_rate)
+    if chunk_seconds:
+        out = model.encode_chunked(wav, bandwidth, chunk_seconds=chunk_seconds)
+    else:
+        out = model.encode(wav, bandwidth)
+    codes, scales = out if isinstance(out, tuple) else (out, None)
+    meta = dict(codes=codes.to(torch.int16).numpy(), sample_rate=model.sample_rate, channels=model.channels,
+                num_samples=wav.shape[-1], bandwidth=float(bandwidth or model.bandwidths[-1]),
+                checkpoint=str(Path(checkpoint).resolve()))
+    if scales is not None:
+        meta["scales"] = scales.numpy()
+    np.savez(str(path_out), **meta)
+    return {k: v for k, v in meta.items() if k not in ("codes", "scales")}
+
+
+def decode_file(path_in: str | Path, path_out: str | Path, *, checkpoint: str | Path | None = None,
+                chunk_frames: int | None = None) -> dict:
+    """Decode an ``.npz`` written by :func:`encode_file` to an audio file (``soundfile``:
+    format from the extension), trimmed to the original length. ``checkpoint`` defaults to the
+    one recorded in the npz."""
+    import numpy as np
+    import soundfile as sf
+
+    try:
+        data = np.load(str(path_in), allow_pickle=False)
+        codes = torch.from_numpy(data["codes"].astype(np.int64))
+        scales = torch.from_numpy(data["scales"]) if "scales" in data.files else None
+        n, recorded = int(data["num_samples"]), str(data["checkpoint"])
+    except Exception as exc:
+        raise ValueError(f"decode_file: {path_in} is not an EnCodec codes file: {exc}") from exc
+    model = EncodecModel.from_pretrained(checkpoint or recorded)
+    if int(data["sample_rate"]) != model.sample_rate:
+        raise ValueError(f"decode_file: codes are for {int(data['sample_rate'])} Hz, the model is {model.sample_rate} Hz")
+    with torch.no_grad():
+        if chunk_frames:
+            wav = model.decode_chunked(codes, scales, chunk_frames=chunk_frames)
+        else:
+            wav = model.decode(codes, scales)
+    wav = wav[0, :, :n].float()
+    sf.write(str(path_out), wav.T.numpy(), model.sample_rate)
+    return {"sample_rate": model.sample_rate, "channels": model.channels, "num_samples": wav.shape[-1]}

@@ -296,3 +296,40 @@ def test_stream_pieces_and_errors(m24, m48):
     codes, scales = m48.encode_chunked(w48)
     assert torch.equal(codes, m48.encode(w48)[0])
     torch.testing.assert_close(m48.decode_chunked(codes, scales), m48.decode(codes, scales))
+
+
+# ---------------------------------------------------------------------------- files
+def test_resample_is_band_limited():
+    from pysonic.codecs.encodec import resample
+    sr_in, sr_out = 44_100, 24_000
+    t = torch.arange(4410) / sr_in
+    x = torch.sin(2 * math.pi * 1000 * t).view(1, 1, -1)
+    y = resample(x, sr_in, sr_out)
+    assert y.shape[-1] == math.ceil(4410 * sr_out / sr_in)
+    ref = torch.sin(2 * math.pi * 1000 * torch.arange(y.shape[-1]) / sr_out)
+    # away from the edges a 1 kHz tone comes through to ~1e-3 (windowed sinc, 16 zero crossings)
+    assert (y[0, 0, 100:-100] - ref[100:-100]).abs().max() < 2e-3
+    hi = torch.sin(2 * math.pi * 18_000 * t).view(1, 1, -1)  # above the new Nyquist: removed
+    assert resample(hi, sr_in, sr_out)[0, 0, 100:-100].abs().max() < 0.02
+
+
+def test_encode_decode_files(m24, tmp_path):
+    import numpy as np
+    import soundfile as sf
+    from pysonic.codecs.encodec import decode_file, encode_file
+    _save_transformers_layout(m24, tmp_path / "ckpt")
+    wav = 0.3 * torch.randn(1, 2400)
+    sf.write(str(tmp_path / "in.wav"), wav.T.numpy(), 24_000, subtype="FLOAT")
+    encode_file(tmp_path / "in.wav", tmp_path / "c.npz", checkpoint=tmp_path / "ckpt", bandwidth=3.0)
+    codes = np.load(tmp_path / "c.npz")["codes"]
+    assert codes.shape == (1, 4, 8) and (torch.from_numpy(codes.astype(np.int64)) == m24.encode(wav[None], 3.0)).all()
+    info = decode_file(tmp_path / "c.npz", tmp_path / "out.wav")
+    out, sr = sf.read(str(tmp_path / "out.wav"), always_2d=True)
+    assert sr == 24_000 and out.shape == (2400, 1) and info["num_samples"] == 2400
+    sf.write(str(tmp_path / "st.wav"), torch.randn(4410, 2).numpy() * 0.1, 44_100)
+    with pytest.raises(ValueError, match="--resample"):
+        encode_file(tmp_path / "st.wav", tmp_path / "d.npz", checkpoint=tmp_path / "ckpt")
+    encode_file(tmp_path / "st.wav", tmp_path / "d.npz", checkpoint=tmp_path / "ckpt", resample_input=True)
+    assert np.load(tmp_path / "d.npz")["codes"].shape == (1, 32, math.ceil(2400 / 320))
+    with pytest.raises(ValueError, match="not an EnCodec codes file"):
+        decode_file(tmp_path / "st.wav", tmp_path / "x.wav")
