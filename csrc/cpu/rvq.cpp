@@ -15,7 +15,7 @@
 //   ties. So the result is the exact-difference argmin up to fp32 summation order, while almost
 //   all the arithmetic runs in the matrix unit. Non-finite or huge values fall back to exact
 //   distances for every code of the level.
-//   Parallel over blocks of kRows rows; each thread carries its rows through all levels.
+//   Parallel over blocks of up to kMaxRows rows; each thread carries its rows through all levels.
 //
 // rvq_decode(codes [B,T,n_q] int32/int64, codebooks [L,K,D]) -> [B,T,D] (codebooks' dtype)
 //   out[b,t] = sum_l codebooks[l, codes[b,t,l]], accumulated in fp32. Codes outside [0, K) are
@@ -25,7 +25,9 @@
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -35,7 +37,8 @@
 namespace pysonic::cpu {
 namespace {
 
-constexpr int64_t kRows = 32;        // rows per matrix-product block (M)
+constexpr int64_t kMaxRows = 128;    // most rows per matrix-product block (M)
+constexpr int64_t kGroupRows = 128;  // rows a thread carries through the levels together
 constexpr int64_t kCodeBlock = 64;  // codes per matrix-product call (N; oneDNN packs B in blocks of <= 64)
 constexpr int64_t kCodeAlign = Vec::size();
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -118,6 +121,37 @@ inline int64_t exact_argmin(const float* r, const T* book, int64_t K, int64_t D)
   return idx;
 }
 
+// sum_i r_i^2 in fp32.
+inline float sum_squares(const float* r, int64_t n) {
+  Vec acc(0.f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec v = Vec::loadu(r + i);
+    acc = at::vec::fmadd(v, v, acc);
+  }
+  float s = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+  for (; i < n; ++i) s += r[i] * r[i];
+  return s;
+}
+
+// oneDNN's packed bf16 B for blocks of <= 64 columns is the plain VNNI layout [K/2][N][2].
+// Writing it directly skips a transpose + pack per block; checked once against pack() itself,
+// so a oneDNN with another layout only costs the slower path.
+bool vnni_layout_matches_pack() {
+  static const bool same = [] {
+    constexpr int64_t kd = 6, n = 16;
+    std::vector<c10::BFloat16> plain(kd * n), packed(kd * n), mine(kd * n);
+    for (int64_t i = 0; i < kd * n; ++i) plain[i] = c10::BFloat16(static_cast<float>(i + 1));
+    at::native::cpublas::pack(kd, n, n, n, at::kBFloat16, at::kBFloat16, plain.data(), packed.data());
+    for (int64_t i = 0; i < kd; ++i)
+      for (int64_t k = 0; k < n; ++k) mine[((i >> 1) * n + k) * 2 + (i & 1)] = plain[i * n + k];
+    for (int64_t i = 0; i < kd * n; ++i)
+      if (packed[i].x != mine[i].x) return false;
+    return true;
+  }();
+  return same;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Codebooks prepared for the screening matrix product.
 
@@ -159,8 +193,10 @@ Prepared prepare(const T* books, int64_t n_q, int64_t K, int64_t D) {
   p.eps_exact = static_cast<float>(2.0 * (D + 4) * std::ldexp(1.0, -24));
 
   std::vector<char> block_ok(n_q * nblocks, 1);
+  const bool direct = p.amx && vnni_layout_matches_pack();
   at::parallel_for(0, n_q * nblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<c10::BFloat16> tmp_b;
+    std::vector<float> row(D);
+    std::vector<c10::BFloat16> tmp_b, plain;
     for (int64_t job = begin; job < end; ++job) {
       const int64_t l = job / nblocks, j = job % nblocks;
       const int64_t k0 = j * kCodeBlock, nb = block_n(p, j);
@@ -176,35 +212,45 @@ Prepared prepare(const T* books, int64_t n_q, int64_t K, int64_t D) {
           w[k] = 0.f;
           continue;
         }
-        const T* c = books + (l * K + k) * D;
-        double n = 0.0;  // only its fp32 rounding is used; double keeps the bound simple
-        for (int64_t i = 0; i < D; ++i) {
-          const float v = static_cast<float>(c[i]);
-          n += static_cast<double>(v) * v;
-        }
-        const float nf = static_cast<float>(n);
-        const float cn = static_cast<float>(std::sqrt(n));
-        if (!std::isfinite(nf) || cn > kHuge) ok = false;
+        row_to_float(books + (l * K + k) * D, 1, row.data(), D);
+        const double n = static_cast<double>(sum_squares(row.data(), D));  // fp32 sum: error <= g n
+        const double cn = std::sqrt(n);
+        if (!std::isfinite(n) || cn > kHuge) ok = false;
         n_hi[k] = static_cast<float>(n * (1.0 + a_n));
         n_lo[k] = static_cast<float>(n * (1.0 - a_n));
-        w[k] = static_cast<float>(p.a_rc * std::sqrt(n) * (1.0 + g));
+        w[k] = static_cast<float>(p.a_rc * cn * (1.0 + g));
       }
       block_ok[job] = ok;
-      // Transposed operand B [Dp, nb] (zero padding rows/columns).
       if (p.amx) {
-        tmp_b.assign(Dp * nb, c10::BFloat16(0.f));
-        for (int64_t k = k0; k < std::min(K, k0 + nb); ++k) {
-          const T* c = books + (l * K + k) * D;
-          for (int64_t i = 0; i < D; ++i) tmp_b[i * nb + (k - k0)] = c10::BFloat16(static_cast<float>(c[i]));
-        }
+        // B for the block in VNNI layout [Dp/2][nb][2]: seen as 32-bit pairs of dimensions,
+        // it is the transpose of the codes' bf16 rows [nb][Dp/2].
         auto* dst = p.b.data_ptr<c10::BFloat16>() + l * Dp * Kp + k0 * Dp;
-        at::native::cpublas::pack(Dp, nb, nb, nb, at::kBFloat16, at::kBFloat16, tmp_b.data(), dst);
+        const int64_t kend = std::min(K, k0 + nb), half = Dp / 2;
+        tmp_b.assign(Dp * nb, c10::BFloat16(0.f));
+        for (int64_t k = k0; k < kend; ++k) {  // bf16 rows (RNE), zero padding
+          row_to_float(books + (l * K + k) * D, 1, row.data(), D);
+          c10::BFloat16* o = tmp_b.data() + (k - k0) * Dp;
+          int64_t i = 0;
+          for (; i + kPair <= D; i += kPair) store_pair(o + i, Vec::loadu(row.data() + i), Vec::loadu(row.data() + i + Vec::size()));
+          for (; i < D; ++i) o[i] = c10::BFloat16(row[i]);
+        }
+        if (direct) {
+          const auto* src32 = reinterpret_cast<const uint32_t*>(tmp_b.data());
+          auto* dst32 = reinterpret_cast<uint32_t*>(dst);
+          for (int64_t q = 0; q < half; ++q)
+            for (int64_t kk = 0; kk < nb; ++kk) dst32[q * nb + kk] = src32[kk * half + q];
+        } else {  // plain [Dp][nb], packed by oneDNN
+          plain.resize(Dp * nb);
+          for (int64_t i = 0; i < Dp; ++i)
+            for (int64_t kk = 0; kk < nb; ++kk) plain[i * nb + kk] = tmp_b[kk * Dp + i];
+          at::native::cpublas::pack(Dp, nb, nb, nb, at::kBFloat16, at::kBFloat16, plain.data(), dst);
+        }
       } else {
+        // B^T for the level, fp32 [Dp][Kp].
         float* dst = p.b.data_ptr<float>() + l * Dp * Kp;
-        for (int64_t i = 0; i < Dp; ++i) {
-          for (int64_t k = k0; k < k0 + nb; ++k) {
-            dst[i * Kp + k] = (i < D && k < K) ? static_cast<float>(books[(l * K + k) * D + i]) : 0.f;
-          }
+        for (int64_t k = k0; k < k0 + nb; ++k) {
+          if (k < K) row_to_float(books + (l * K + k) * D, 1, row.data(), D);
+          for (int64_t i = 0; i < Dp; ++i) dst[i * Kp + k] = (i < D && k < K) ? row[i] : 0.f;
         }
       }
     }
@@ -215,76 +261,81 @@ Prepared prepare(const T* books, int64_t n_q, int64_t K, int64_t D) {
   return p;
 }
 
-// Scores s[m, k] ~= r~_m . c~_k for the kRows rows of `a` (bf16 or fp32 [kRows, Dp]).
-void screen_scores(const Prepared& p, int64_t level, const void* a, float* scores) {
+// Scores s[m, k] ~= r~_m . c~_k for the mb rows of `a` (bf16 or fp32 [mb, Dp]).
+void screen_scores(const Prepared& p, int64_t level, int64_t mb, const void* a, float* scores) {
   const int64_t nblocks = (p.Kp + kCodeBlock - 1) / kCodeBlock;
   for (int64_t j = 0; j < nblocks; ++j) {
     const int64_t k0 = j * kCodeBlock, nb = block_n(p, j);
     if (p.amx) {
       const auto* b = p.b.data_ptr<c10::BFloat16>() + level * p.Dp * p.Kp + k0 * p.Dp;
-      at::native::cpublas::brgemm(kRows, nb, p.Dp, p.Dp, nb, p.Kp, false,
+      at::native::cpublas::brgemm(mb, nb, p.Dp, p.Dp, nb, p.Kp, false,
                                   static_cast<const c10::BFloat16*>(a), b, scores + k0, true);
     } else {
       const float* b = p.b.data_ptr<float>() + level * p.Dp * p.Kp + k0;
-      at::native::cpublas::brgemm(kRows, nb, p.Dp, p.Dp, p.Kp, p.Kp, false,
+      at::native::cpublas::brgemm(mb, nb, p.Dp, p.Dp, p.Kp, p.Kp, false,
                                   static_cast<const float*>(a), b, scores + k0, false);
     }
   }
 }
 
-// The code for one row given its screening scores s[0..Kp), or -1 when screening is unsafe.
+// Screens one row given its scores s[0..Kp): appends to `cand` (in increasing order) every code
+// that may be the exact-distance minimiser, prefetching their rows. Returns false when screening
+// is unsafe for this row (non-finite or huge residual): the caller scans all codes exactly.
 template <typename T>
-int64_t screen_row(const Prepared& p, int64_t level, const float* r, const float* s,
-                   const T* book) {
+bool screen_row(const Prepared& p, int64_t level, const float* r, const float* s, const T* book,
+                std::vector<int32_t>& cand) {
   const int64_t Kp = p.Kp, D = p.D;
   const float* n_hi = p.coef.data_ptr<float>() + level * 3 * Kp;
   const float* n_lo = n_hi + Kp;
   const float* w = n_lo + Kp;
   // |r|, rounded up generously (it multiplies bound terms only).
-  Vec vrr(0.f);
-  int64_t i = 0;
-  for (; i + Vec::size() <= D; i += Vec::size()) {
-    const Vec v = Vec::loadu(r + i);
-    vrr = at::vec::fmadd(v, v, vrr);
-  }
-  float rr = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vrr);
-  for (; i < D; ++i) rr += r[i] * r[i];
+  const float rr = sum_squares(r, D);
   const float sqrt_d = std::sqrt(static_cast<float>(D));
   // The additive terms cover operands and partial sums flushed to zero (denormals, ~1.2e-38).
   const float R = std::sqrt(rr) * (1.f + p.eps_exact) + 1e-30f * (1.f + sqrt_d);
-  if (!std::isfinite(R) || R > kHuge) return -1;
+  if (!std::isfinite(R) || R > kHuge) return false;
   const float tau = 2.4e-38f * ((1.f + sqrt_d) * (1.f + R) + static_cast<float>(D));
-  // Upper bound of every code's distance (minus |r|^2); the best one is U.
+  // Upper bound of every code's distance (minus |r|^2); the best one is U. Everything here is
+  // finite (norms checked per level, |r| and |c| <= 1e18), so a plain min is enough; four
+  // accumulators break the dependency chain.
   const Vec vR(R), two(2.f);
-  Vec vmin(kInf);
-  for (int64_t k = 0; k < Kp; k += Vec::size()) {
-    const Vec hi = at::vec::fmadd(vR, Vec::loadu(w + k), Vec::loadu(n_hi + k) - two * Vec::loadu(s + k));
-    vmin = at::vec::minimum(vmin, hi);
+  Vec m0(kInf), m1(kInf), m2(kInf), m3(kInf);
+  auto hi = [&](int64_t k) {
+    return at::vec::fmadd(vR, Vec::loadu(w + k), Vec::loadu(n_hi + k) - two * Vec::loadu(s + k));
+  };
+  constexpr int64_t V = Vec::size();
+  int64_t k = 0;
+  for (; k + 4 * V <= Kp; k += 4 * V) {
+    m0 = at::vec::clamp_max(hi(k), m0);
+    m1 = at::vec::clamp_max(hi(k + V), m1);
+    m2 = at::vec::clamp_max(hi(k + 2 * V), m2);
+    m3 = at::vec::clamp_max(hi(k + 3 * V), m3);
   }
-  const float U = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::minimum(a, b); }, vmin);
-  if (!std::isfinite(U)) return -1;
+  for (; k < Kp; k += V) m0 = at::vec::clamp_max(hi(k), m0);
+  Vec vmin = at::vec::clamp_max(at::vec::clamp_max(m0, m1), at::vec::clamp_max(m2, m3));
+  const float U = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::clamp_max(a, b); }, vmin);
+  if (!std::isfinite(U)) return false;
   // The exact minimiser's lower bound is below U; widen by an exact distance's own rounding
   // (the exact distances, not the real ones, decide) and a tiny absolute term (flushed denormals).
   const float thr = U + 2.f * p.eps_exact * (rr + std::abs(U)) + 2.f * tau;
   const Vec vthr(thr);
-  float best = kInf;
-  int64_t idx = -1;
-  for (int64_t k = 0; k < Kp; k += Vec::size()) {
+  const size_t first = cand.size();
+  for (k = 0; k < Kp; k += V) {
     const Vec lo = Vec::loadu(n_lo + k) - two * Vec::loadu(s + k) - vR * Vec::loadu(w + k);
     // zero_mask: lanes where (lo <= thr) is false.
-    int keep = ~(lo <= vthr).zero_mask() & ((1 << Vec::size()) - 1);
+    int keep = ~(lo <= vthr).zero_mask() & ((1 << V) - 1);
     while (keep) {
       const int lane = __builtin_ctz(keep);
       keep &= keep - 1;
-      const int64_t code = k + lane;
-      const float d = exact_dist(r, book + code * D, D);
-      if (d < best) {  // strict: ties keep the lower index (lanes visited in order)
-        best = d;
-        idx = code;
-      }
+      cand.push_back(static_cast<int32_t>(k + lane));
     }
   }
-  return (idx >= 0 && std::isfinite(best)) ? idx : -1;
+  if (cand.size() == first) return false;  // cannot happen with a correct bound; stay safe
+  for (size_t c = first; c < cand.size(); ++c) {
+    const char* row = reinterpret_cast<const char*>(book + cand[c] * D);
+    for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(row + off, 0, 2);
+  }
+  return true;
 }
 
 template <typename T>
@@ -296,41 +347,71 @@ void rvq_encode_kernel(const at::Tensor& x, const T* books, int64_t K, int64_t n
   const int64_t sb = x.stride(0), st = x.stride(1), sd = x.stride(2);
   const Prepared p = prepare(books, n_q, K, D);
   const int64_t Dp = p.Dp, Kp = p.Kp;
-  const int64_t nblocks = (rows + kRows - 1) / kRows;
+  // Row blocks: large enough to amortise each matrix-product call, small enough that every
+  // thread gets about two blocks; a multiple of 16 (the matrix unit's tile height).
+  const int64_t per_thread = (rows + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
+  const int64_t mb = std::clamp<int64_t>(round_up(per_thread, 16), 16, kMaxRows);
+  const int64_t nblocks = (rows + mb - 1) / mb;
+  // Each thread takes its blocks in groups of about kGroupRows rows and runs the levels
+  // level-major over a group (a group is one block at the default sizes: larger groups, which
+  // keep one level's codebook hot for more rows, measured no faster here).
+  const int64_t group = std::max<int64_t>(1, kGroupRows / mb);
   at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> res(kRows * Dp), scores(kRows * Kp);
-    std::vector<c10::BFloat16> abf(p.amx ? kRows * Dp : 0);
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t row0 = blk * kRows, m_valid = std::min(kRows, rows - row0);
+    std::vector<float> res(group * mb * Dp), scores(mb * Kp);
+    std::vector<c10::BFloat16> abf(p.amx ? mb * Dp : 0);
+    std::vector<int32_t> cand;
+    std::vector<int64_t> cbeg(mb), cend(mb);
+    for (int64_t g0 = begin; g0 < end; g0 += group) {
+      const int64_t g1 = std::min(end, g0 + group);
       std::fill(res.begin(), res.end(), 0.f);
-      for (int64_t m = 0; m < m_valid; ++m) {
-        const int64_t n = row0 + m;
-        row_to_float(xp + (n / Tn) * sb + (n % Tn) * st, sd, res.data() + m * Dp, D);
+      for (int64_t n = g0 * mb; n < std::min(rows, g1 * mb); ++n) {
+        row_to_float(xp + (n / Tn) * sb + (n % Tn) * st, sd, res.data() + (n - g0 * mb) * Dp, D);
       }
       for (int64_t l = 0; l < n_q; ++l) {
         const T* book = books + l * K * D;
         const bool screen = p.level_ok[l] && D > 0;
-        if (screen) {
-          const void* a = res.data();
-          if (p.amx) {
-            for (int64_t m = 0; m < kRows; ++m) {
-              // fp32 -> bf16 (round to nearest even), padding column stays 0
-              const float* src = res.data() + m * Dp;
-              c10::BFloat16* dst = abf.data() + m * Dp;
-              int64_t i = 0;
-              for (; i + kPair <= Dp; i += kPair) store_pair(dst + i, Vec::loadu(src + i), Vec::loadu(src + i + Vec::size()));
-              for (; i < Dp; ++i) dst[i] = c10::BFloat16(src[i]);
+        for (int64_t blk = g0; blk < g1; ++blk) {
+          const int64_t row0 = blk * mb, m_valid = std::min(mb, rows - row0);
+          float* rb = res.data() + (blk - g0) * mb * Dp;  // this block's residuals [mb, Dp]
+          if (screen) {
+            const void* a = rb;
+            if (p.amx) {
+              for (int64_t m = 0; m < mb; ++m) {
+                // fp32 -> bf16 (round to nearest even), padding column stays 0
+                const float* src = rb + m * Dp;
+                c10::BFloat16* dst = abf.data() + m * Dp;
+                int64_t i = 0;
+                for (; i + kPair <= Dp; i += kPair) store_pair(dst + i, Vec::loadu(src + i), Vec::loadu(src + i + Vec::size()));
+                for (; i < Dp; ++i) dst[i] = c10::BFloat16(src[i]);
+              }
+              a = abf.data();
             }
-            a = abf.data();
+            screen_scores(p, l, mb, a, scores.data());
           }
-          screen_scores(p, l, a, scores.data());
-        }
-        for (int64_t m = 0; m < m_valid; ++m) {
-          float* r = res.data() + m * Dp;
-          int64_t code = screen ? screen_row(p, l, r, scores.data() + m * Kp, book) : -1;
-          if (code < 0) code = exact_argmin(r, book, K, D);
-          codes[(row0 + m) * n_q + l] = code;
-          sub_row(r, book + code * D, D);
+          // Pass 1: candidates of every row (their rows prefetched while the others screen).
+          // No candidates (screening unsafe for the row) means: scan all codes exactly.
+          cand.clear();
+          for (int64_t m = 0; m < m_valid; ++m) {
+            cbeg[m] = static_cast<int64_t>(cand.size());
+            if (screen) screen_row(p, l, rb + m * Dp, scores.data() + m * Kp, book, cand);
+            cend[m] = static_cast<int64_t>(cand.size());
+          }
+          // Pass 2: exact distances of the candidates decide; update the residuals.
+          for (int64_t m = 0; m < m_valid; ++m) {
+            float* r = rb + m * Dp;
+            int64_t code = -1;
+            float best = kInf;
+            for (int64_t c = cbeg[m]; c < cend[m]; ++c) {
+              const float d = exact_dist(r, book + cand[c] * D, D);
+              if (d < best) {  // strict: ties keep the lower index (candidates are in order)
+                best = d;
+                code = cand[c];
+              }
+            }
+            if (code < 0) code = exact_argmin(r, book, K, D);
+            codes[(row0 + m) * n_q + l] = code;
+            sub_row(r, book + code * D, D);
+          }
         }
       }
     }
@@ -358,6 +439,7 @@ at::Tensor rvq_encode_cpu(const at::Tensor& x, const at::Tensor& codebooks, int6
               codebooks.size(2));
   const int64_t L = codebooks.size(0), K = codebooks.size(1), D = x.size(2);
   TORCH_CHECK(n_q >= 1 && n_q <= L, op, ": n_q must be in [1, L = ", L, "], got ", n_q);
+  TORCH_CHECK(K < std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 2 codes per level, got K = ", K);
   auto codes = at::empty({x.size(0), x.size(1), n_q}, x.options().dtype(at::kLong));
   if (codes.numel() == 0) return codes;
   if (D == 0) return codes.zero_();  // every distance is 0: the lowest index wins

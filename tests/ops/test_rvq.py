@@ -106,12 +106,26 @@ def test_encode_matches_reference(backend, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", ENC_BACKENDS)
 def test_encode_default_n_q_and_larger_codebook(backend, dtype):
-    # Large enough (K=256, D=64) for the C++ screen's blocking to span several code blocks.
-    x = torch.randn(2, 40, 64).to(dtype)
+    # Large enough (K=256, D=64, 140 rows) for the C++ kernel to span several code and row blocks.
+    x = torch.randn(2, 70, 64).to(dtype)
     codebooks = (torch.randn(3, 256, 64) * torch.tensor([1.0, 0.6, 0.3]).view(3, 1, 1)).to(dtype)
     codes = ops.rvq_encode(x, codebooks, backend=backend)
     differ = _check_encode(codes, x, codebooks, 3)
     print(f"rvq_encode[{backend}, {dtype}] K=256: {differ} rows differ from the reference")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", ENC_BACKENDS)
+def test_encode_clustered_codebook(backend, dtype):
+    # Codes 1e-3 apart around one centre: the distance gaps are far below the error of a bf16 or
+    # expanded (||c||^2 - 2 x.c) product, so every code is a candidate that only exact distances
+    # can rank. x is near the centre too.
+    centre = torch.randn(1, 1, 24)
+    codebooks = (centre + 1e-3 * torch.randn(2, 64, 24)).to(dtype)
+    x = (centre + 2e-3 * torch.randn(2, 9, 24)).to(dtype)
+    codes = ops.rvq_encode(x, codebooks, backend=backend)
+    differ = _check_encode(codes, x, codebooks, 2)
+    print(f"rvq_encode[{backend}, {dtype}] clustered: {differ} rows differ from the reference")
 
 
 @pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), *ENC_BACKENDS])
