@@ -276,6 +276,7 @@ class EncodecModel(nn.Module):
         if emb is not None and emb.shape[-1]:
             yield self.quantizer.encode(emb, n_q=n_q)
 
+    @torch.no_grad()
     def decode_stream(self, code_chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
         """Decode codes arriving in chunks ``[B, n_q, t_i]``; yields audio as it is complete.
         Concatenated, it equals ``decode`` of all the codes (causal models only)."""
@@ -302,6 +303,7 @@ class EncodecModel(nn.Module):
         chunks = (wav[..., i : i + step] for i in range(0, wav.shape[-1], step))
         return torch.cat(list(self.encode_stream(chunks, bandwidth)), dim=-1)
 
+    @torch.no_grad()
     def decode_chunked(self, codes: torch.Tensor, scales: torch.Tensor | None = None, *,
                        chunk_frames: int | None = None) -> torch.Tensor:
         """``decode`` with bounded working memory (``chunk_frames``: default one second)."""
