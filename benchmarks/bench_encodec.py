@@ -1,0 +1,96 @@
+"""EnCodec 24 kHz encode/decode on 10 s of audio: pysonic vs the `encodec` package, fp32 and bf16.
+
+Both models have the published 24 kHz architecture at random initialisation with identical
+weights (the package's, codebooks filled with random values). Real-time factor = time / 10 s
+(``extra_info["audio_seconds"]``). The bf16 decode's SNR against the fp32 decode of the same
+codes is stored as ``extra_info["snr_db_vs_fp32"]`` (issue target: >= 30 dB).
+
+The `encodec` package imports torchaudio at module level for file I/O only; torchaudio is not
+installed (its wheels pin torch), so a bare stand-in module is used for that import.
+
+Run: python -m pytest benchmarks/bench_encodec.py --benchmark-only -q
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+
+from pysonic.codecs.encodec import EncodecModel
+
+SECONDS = 10
+SR = 24_000
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _encodec_package():
+    stub = None
+    if importlib.util.find_spec("torchaudio") is None:
+        stub = sys.modules.setdefault("torchaudio", types.ModuleType("torchaudio"))
+    try:
+        return pytest.importorskip("encodec")
+    finally:
+        if stub is not None and sys.modules.get("torchaudio") is stub:
+            del sys.modules["torchaudio"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    torch.set_num_threads(2)
+    encodec = _encodec_package()
+    torch.manual_seed(0)
+    peer = encodec.EncodecModel.encodec_model_24khz(pretrained=False)
+    with torch.no_grad():
+        for level, layer in enumerate(peer.quantizer.vq.layers):
+            layer._codebook.embed.normal_(std=0.7**level)
+            layer._codebook.inited.fill_(1.0)
+    path = tmp_path_factory.mktemp("encodec") / "encodec_24khz_random.th"
+    torch.save(peer.state_dict(), path)
+    ours = EncodecModel.from_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(SECONDS * SR) / SR
+    wav = (0.3 * torch.sin(2 * torch.pi * 220 * t) + 0.05 * torch.randn(SECONDS * SR, generator=g)).view(1, 1, -1)
+    return {"pysonic": ours.eval(), "encodec_pkg": peer.eval()}, wav
+
+
+def _cast(model, dtype):
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("impl", ["pysonic", "encodec_pkg"])
+@pytest.mark.parametrize("bandwidth", [6.0, 24.0])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("direction", ["encode", "decode"])
+def test_encodec_24khz(benchmark, models, impl, bandwidth, dtype, direction):
+    all_models, wav = models
+    model = all_models[impl]
+    dt = DTYPES[dtype]
+    with torch.no_grad():
+        codes = all_models["pysonic"].float().encode(wav, bandwidth=bandwidth)
+        model.to(dt)
+        x = wav.to(dt)
+        if impl == "pysonic":
+            fn = (lambda: model.encode(x, bandwidth=bandwidth)) if direction == "encode" else (lambda: model.decode(codes))
+        else:
+            model.set_target_bandwidth(bandwidth)
+            fn = (lambda: model.encode(x)) if direction == "encode" else (lambda: model.decode([(codes, None)]))
+        try:
+            fn()  # warm-up (oneDNN builds its primitives on first use)
+        except RuntimeError as exc:
+            model.float()
+            pytest.skip(f"{impl} does not run in {dtype}: {exc}")
+        info = dict(op=f"encodec_{direction}", impl=impl, dtype=dtype, flops=0,
+                    bytes=wav.numel() * x.element_size() + codes.numel() * 8, audio_seconds=SECONDS,
+                    bandwidth_kbps=bandwidth)
+        if direction == "decode" and dtype == "bf16":
+            ref = all_models[impl].float().decode(codes) if impl == "pysonic" else model.float().decode([(codes, None)])
+            model.to(dt)
+            out = fn().float()[..., : ref.shape[-1]]
+            info["snr_db_vs_fp32"] = float(10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum()))
+        benchmark.group = f"encodec 24kHz {direction} {SECONDS}s {bandwidth:g}kbps {dtype}"
+        benchmark.extra_info.update(info)
+        benchmark.pedantic(fn, rounds=3, iterations=1)
+        model.float()

@@ -1,0 +1,376 @@
+"""SEANet convolutional encoder/decoder, as used by EnCodec (and the MusicGen/AudioGen codec).
+
+The layer order and parameter names follow the published checkpoints closely, so a converter
+only renames prefixes: ``layers.{i}`` is the i-th entry of the reference ``nn.Sequential``, a
+weight-normalised conv holds ``weight_g`` / ``weight_v`` / ``bias`` (``torch._weight_norm`` over
+dim 0, the formula both ``nn.utils.weight_norm`` and the parametrization version use), a
+``time_group_norm`` conv holds ``weight`` / ``bias`` and a ``norm`` (GroupNorm with one group).
+
+Padding (Défossez et al. 2022, EnCodec section 3.1, and the reference code):
+- causal: all of ``(kernel - 1) * dilation - (stride - 1)`` on the left;
+- non-causal: split, the extra sample (odd totals) on the left;
+- plus "extra" right padding so the last window is full and a transposed conv can rebuild
+  ``ceil(N / stride) * stride`` samples;
+- reflect padding on inputs shorter than the pad gets zero-extended first.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORMS = ("none", "weight_norm", "time_group_norm")
+
+
+def extra_padding(length: int, kernel_size: int, stride: int, padding_total: int) -> int:
+    """Right padding needed so that the last conv window is full.
+
+    ``kernel_size`` is the effective (dilated) size.
+    """
+    n_frames = -(-(length - kernel_size + padding_total) // stride) + 1  # ceil division
+    ideal_length = (n_frames - 1) * stride + (kernel_size - padding_total)
+    return max(0, ideal_length - length)
+
+
+def pad1d(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
+    """``F.pad`` on the last axis; reflect padding also works on inputs shorter than the pad."""
+    if mode != "reflect":
+        return F.pad(x, (left, right), mode=mode)
+    length = x.shape[-1]
+    extra = max(left, right) - length + 1 if length <= max(left, right) else 0
+    if extra:
+        x = F.pad(x, (0, extra))
+    out = F.pad(x, (left, right), mode="reflect")
+    return out[..., : out.shape[-1] - extra] if extra else out
+
+
+class _NormConvBase(nn.Module):
+    """Holds a conv weight either plain or weight-normalised, plus an optional GroupNorm."""
+
+    def _init_weight(self, weight: torch.Tensor, bias: torch.Tensor, norm: str, out_channels: int) -> None:
+        if norm not in NORMS:
+            raise ValueError(f"SEANet conv: norm must be one of {NORMS}, got {norm!r}")
+        self.norm_type = norm
+        if norm == "weight_norm":
+            # g: [shape[0], 1, 1], the L2 norm of v over every dim but 0 (as nn.utils.weight_norm).
+            self.weight_g = nn.Parameter(torch.norm_except_dim(weight, 2, 0).clone())
+            self.weight_v = nn.Parameter(weight.clone())
+        else:
+            self.weight = nn.Parameter(weight.clone())
+        self.bias = nn.Parameter(bias.clone())
+        if norm == "time_group_norm":
+            # GroupNorm(1, C): normalises over channels and time together (non-causal only).
+            self.norm = nn.GroupNorm(1, out_channels)
+
+    def _weight(self) -> torch.Tensor:
+        if self.norm_type == "weight_norm":
+            return torch._weight_norm(self.weight_v, self.weight_g, 0)
+        return self.weight
+
+
+class SConv1d(_NormConvBase):
+    """Conv1d with causal or centred "same" padding and weight/group normalisation.
+
+    Input ``[B, C_in, N]`` -> ``[B, C_out, ceil(N / stride)]``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
+                 dilation: int = 1, causal: bool = False, norm: str = "weight_norm",
+                 pad_mode: str = "reflect") -> None:
+        super().__init__()
+        if norm == "time_group_norm" and causal:
+            raise ValueError("SEANet conv: time_group_norm cannot be causal")
+        proto = nn.Conv1d(in_channels, out_channels, kernel_size, stride, dilation=dilation)
+        self._init_weight(proto.weight.data, proto.bias.data, norm, out_channels)
+        self.stride, self.dilation, self.kernel_size = stride, dilation, kernel_size
+        self.causal, self.pad_mode = causal, pad_mode
+
+    @property
+    def padding_total(self) -> int:
+        return (self.kernel_size - 1) * self.dilation - (self.stride - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eff_kernel = (self.kernel_size - 1) * self.dilation + 1
+        total = self.padding_total
+        extra = extra_padding(x.shape[-1], eff_kernel, self.stride, total)
+        if self.causal:
+            x = pad1d(x, total, extra, self.pad_mode)
+        else:
+            right = total // 2
+            x = pad1d(x, total - right, right + extra, self.pad_mode)
+        y = F.conv1d(x, self._weight(), self.bias, self.stride, 0, self.dilation)
+        if self.norm_type == "time_group_norm":
+            y = self.norm(y)
+        return y
+
+
+class SConvTranspose1d(_NormConvBase):
+    """ConvTranspose1d that trims its padding: ``[B, C_in, T]`` -> ``[B, C_out, T * stride]``.
+
+    Causal: ``ceil(pad * trim_right_ratio)`` trimmed on the right, the rest on the left.
+    Non-causal: ``pad // 2`` on the right, the rest on the left.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
+                 causal: bool = False, norm: str = "weight_norm", trim_right_ratio: float = 1.0) -> None:
+        super().__init__()
+        if norm == "time_group_norm" and causal:
+            raise ValueError("SEANet transposed conv: time_group_norm cannot be causal")
+        if not causal and trim_right_ratio != 1.0:
+            raise ValueError("SEANet transposed conv: trim_right_ratio != 1 needs causal=True")
+        proto = nn.ConvTranspose1d(in_channels, out_channels, kernel_size, stride)
+        self._init_weight(proto.weight.data, proto.bias.data, norm, out_channels)
+        self.stride, self.kernel_size = stride, kernel_size
+        self.causal, self.trim_right_ratio = causal, trim_right_ratio
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv_transpose1d(x, self._weight(), self.bias, self.stride)
+        if self.norm_type == "time_group_norm":
+            y = self.norm(y)
+        total = self.kernel_size - self.stride
+        right = math.ceil(total * self.trim_right_ratio) if self.causal else total // 2
+        left = total - right
+        return y[..., left : y.shape[-1] - right]
+
+
+class SLSTM(nn.Module):
+    """Multi-layer LSTM over time with a skip connection; conv layout ``[B, C, T]`` in and out."""
+
+    def __init__(self, dim: int, num_layers: int = 2) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(dim, dim, num_layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(2, 0, 1)  # [T, B, C]
+        y = self.lstm(x)[0] + x
+        return y.permute(1, 2, 0)
+
+
+class SEANetResBlock(nn.Module):
+    """ELU -> conv(k, dilation) -> ELU -> conv(1), plus a skip (identity or 1x1 conv).
+
+    ``block`` keeps the reference indices: 0 ELU, 1 conv, 2 ELU, 3 conv.
+    """
+
+    def __init__(self, dim: int, *, kernel_size: int = 3, dilation: int = 1, compress: int = 2,
+                 true_skip: bool = False, **conv_kw) -> None:
+        super().__init__()
+        hidden = dim // compress
+        self.block = nn.ModuleList([
+            nn.ELU(),
+            SConv1d(dim, hidden, kernel_size, dilation=dilation, **conv_kw),
+            nn.ELU(),
+            SConv1d(hidden, dim, 1, **conv_kw),
+        ])
+        self.shortcut = nn.Identity() if true_skip else SConv1d(dim, dim, 1, **conv_kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        for layer in self.block:
+            y = layer(y)
+        return self.shortcut(x) + y
+
+
+def _conv_kw(causal: bool, norm: str, pad_mode: str) -> dict:
+    return {"causal": causal, "norm": norm, "pad_mode": pad_mode}
+
+
+class SEANetEncoder(nn.Module):
+    """Waveform ``[B, channels, N]`` -> latent ``[B, dimension, ceil(N / hop)]``, hop = prod(ratios).
+
+    Args (defaults are the EnCodec 24 kHz model's, from the paper and reference code):
+        channels: audio channels. dimension: latent size (128). n_filters: base width (32).
+        ratios: the *decoder's* upsampling ratios (8, 5, 4, 2); the encoder uses them reversed.
+        n_residual_layers: residual blocks per scale (1). kernel_size / last_kernel_size: first
+        and last conv (7). residual_kernel_size: 3. dilation_base: 2 (dilation 2**j in block j).
+        causal: causal padding (24 kHz model: True). norm: "weight_norm" or "time_group_norm"
+        (48 kHz model). pad_mode: "reflect". true_skip: identity shortcuts (MusicGen 32 kHz
+        model: True). compress: residual hidden = dim // compress (2). lstm: LSTM layers (2).
+    """
+
+    def __init__(self, *, channels: int = 1, dimension: int = 128, n_filters: int = 32,
+                 ratios: Sequence[int] = (8, 5, 4, 2), n_residual_layers: int = 1, kernel_size: int = 7,
+                 last_kernel_size: int = 7, residual_kernel_size: int = 3, dilation_base: int = 2,
+                 causal: bool = False, norm: str = "weight_norm", pad_mode: str = "reflect",
+                 true_skip: bool = False, compress: int = 2, lstm: int = 2) -> None:
+        super().__init__()
+        kw = _conv_kw(causal, norm, pad_mode)
+        self.hop_length = math.prod(ratios)
+        layers: list[nn.Module] = [SConv1d(channels, n_filters, kernel_size, **kw)]
+        mult = 1
+        for ratio in reversed(list(ratios)):
+            for j in range(n_residual_layers):
+                layers.append(SEANetResBlock(mult * n_filters, kernel_size=residual_kernel_size,
+                                             dilation=dilation_base**j, compress=compress,
+                                             true_skip=true_skip, **kw))
+            layers += [nn.ELU(), SConv1d(mult * n_filters, 2 * mult * n_filters, 2 * ratio, stride=ratio, **kw)]
+            mult *= 2
+        if lstm:
+            layers.append(SLSTM(mult * n_filters, lstm))
+        layers += [nn.ELU(), SConv1d(mult * n_filters, dimension, last_kernel_size, **kw)]
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class SEANetDecoder(nn.Module):
+    """Latent ``[B, dimension, T]`` -> waveform ``[B, channels, T * hop]``; mirror of the encoder.
+
+    Same arguments as :class:`SEANetEncoder`, plus ``trim_right_ratio`` (causal transposed convs:
+    the share of their padding trimmed on the right, 1.0 in the published models).
+    """
+
+    def __init__(self, *, channels: int = 1, dimension: int = 128, n_filters: int = 32,
+                 ratios: Sequence[int] = (8, 5, 4, 2), n_residual_layers: int = 1, kernel_size: int = 7,
+                 last_kernel_size: int = 7, residual_kernel_size: int = 3, dilation_base: int = 2,
+                 causal: bool = False, norm: str = "weight_norm", pad_mode: str = "reflect",
+                 true_skip: bool = False, compress: int = 2, lstm: int = 2,
+                 trim_right_ratio: float = 1.0) -> None:
+        super().__init__()
+        kw = _conv_kw(causal, norm, pad_mode)
+        self.hop_length = math.prod(ratios)
+        mult = 2 ** len(ratios)
+        layers: list[nn.Module] = [SConv1d(dimension, mult * n_filters, kernel_size, **kw)]
+        if lstm:
+            layers.append(SLSTM(mult * n_filters, lstm))
+        for ratio in ratios:
+            layers += [nn.ELU(), SConvTranspose1d(mult * n_filters, mult * n_filters // 2, 2 * ratio, stride=ratio,
+                                                  causal=causal, norm=norm, trim_right_ratio=trim_right_ratio)]
+            for j in range(n_residual_layers):
+                layers.append(SEANetResBlock(mult * n_filters // 2, kernel_size=residual_kernel_size,
+                                             dilation=dilation_base**j, compress=compress,
+                                             true_skip=true_skip, **kw))
+            mult //= 2
+        layers += [nn.ELU(), SConv1d(n_filters, channels, last_kernel_size, **kw)]
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            z = layer(z)
+        return z
+
+
+# ---------------------------------------------------------------------------- streaming
+class SEANetStream:
+    """Chunk-by-chunk evaluation of a causal :class:`SEANetEncoder` / :class:`SEANetDecoder`.
+
+    ``step(x)`` takes the next chunk ``[B, C, n]`` (any length, including 0) and returns what the
+    network can output so far; ``flush()`` ends the stream and returns the rest. The pieces
+    concatenate to the one-pass output (up to float rounding: chunked convs and the LSTM sum in a
+    different order), with memory bounded by the chunk size plus each layer's context (the last
+    ``(kernel - 1) * dilation`` inputs of a conv, the LSTM state, a transposed conv's overlap).
+
+    Only causal weight-norm / no-norm networks stream exactly: a non-causal conv looks ahead and
+    GroupNorm sees the whole signal, so those raise ``ValueError``.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        for m in net.modules():
+            if isinstance(m, (SConv1d, SConvTranspose1d)):
+                if not m.causal or m.norm_type == "time_group_norm":
+                    raise ValueError("SEANetStream: only causal SEANet networks without GroupNorm can stream")
+                if isinstance(m, SConvTranspose1d) and m.trim_right_ratio != 1.0:
+                    raise ValueError("SEANetStream: transposed convs must trim on the right (trim_right_ratio=1)")
+        self.net = net
+        self.state: dict[int, dict] = {}
+        self.done = False
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        if self.done:
+            raise RuntimeError("SEANetStream: step() after flush()")
+        return self._run(self.net.layers, x, final=False)
+
+    def flush(self) -> torch.Tensor:
+        if self.done:
+            raise RuntimeError("SEANetStream: flush() called twice")
+        self.done = True
+        return self._run(self.net.layers, None, final=True)
+
+    # Each module's streaming rule. ``x`` None means "no new input" (flush).
+    def _run(self, layers, x, final: bool):
+        for layer in layers:
+            x = self._module(layer, x, final)
+        return x
+
+    def _module(self, m: nn.Module, x, final: bool):
+        st = self.state.setdefault(id(m), {})
+        if isinstance(m, SConv1d):
+            return self._conv(m, x, st, final)
+        if isinstance(m, SConvTranspose1d):
+            return self._convtr(m, x, st, final)
+        if isinstance(m, SLSTM):
+            if x is None or x.shape[-1] == 0:
+                return x
+            seq = x.permute(2, 0, 1)
+            y, st["hc"] = m.lstm(seq, st.get("hc"))
+            return (y + seq).permute(1, 2, 0)
+        if isinstance(m, SEANetResBlock):
+            a = self._run(m.block, x, final)
+            b = x if isinstance(m.shortcut, nn.Identity) else self._module(m.shortcut, x, final)
+            # the branches may hold back different amounts at the start: sum what both have
+            a = _cat(st.pop("a", None), a)
+            b = _cat(st.pop("b", None), b)
+            if a is None or b is None:
+                st["a"], st["b"] = a, b
+                return None
+            n = min(a.shape[-1], b.shape[-1])
+            st["a"], st["b"] = a[..., n:], b[..., n:]
+            return a[..., :n] + b[..., :n]
+        if isinstance(m, nn.ELU):
+            return None if x is None else m(x)
+        raise ValueError(f"SEANetStream: cannot stream a {type(m).__name__}")
+
+    @staticmethod
+    def _conv(m: SConv1d, x, st: dict, final: bool):
+        buf = _cat(st.get("buf"), x)
+        st["seen"] = st.get("seen", 0) + (0 if x is None else x.shape[-1])
+        if buf is None:
+            return None
+        total, eff = m.padding_total, (m.kernel_size - 1) * m.dilation + 1
+        if not st.get("started"):
+            if final:  # the whole input was shorter than the left pad: the one-pass rule
+                st["buf"] = None
+                return m(buf)
+            if buf.shape[-1] <= total:
+                st["buf"] = buf
+                return None
+            buf = pad1d(buf, total, 0, m.pad_mode)  # left pad from the signal's first samples
+            st["started"] = True
+        if final:
+            buf = pad1d(buf, 0, extra_padding(st["seen"], eff, m.stride, total), m.pad_mode)
+            st["buf"] = None
+            if buf.shape[-1] < eff:
+                return buf[..., :0].new_zeros(buf.shape[0], m.bias.shape[0], 0)
+        n_out = (buf.shape[-1] - eff) // m.stride + 1 if buf.shape[-1] >= eff else 0
+        if not final:
+            st["buf"] = buf[..., n_out * m.stride :]
+        if n_out == 0:
+            return None
+        y = F.conv1d(buf[..., : (n_out - 1) * m.stride + eff], m._weight(), m.bias, m.stride, 0, m.dilation)
+        return y
+
+    @staticmethod
+    def _convtr(m: SConvTranspose1d, x, st: dict, final: bool):
+        if x is None or x.shape[-1] == 0:
+            return None  # at the end the carried overlap is dropped: it is the one-pass right trim
+        y = F.conv_transpose1d(x, m._weight(), None, m.stride)
+        tail = st.get("tail")
+        if tail is not None:
+            y[..., : tail.shape[-1]] += tail
+        n = x.shape[-1] * m.stride
+        st["tail"] = y[..., n:].clone()
+        return y[..., :n] + m.bias.view(1, -1, 1)
+
+
+def _cat(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return torch.cat([a, b], dim=-1)
