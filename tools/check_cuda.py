@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Compile every CUDA source of csrc/sources.txt with nvcc, warnings as errors (compile only).
+
+Machines without a GPU (and with torch's CPU wheel, which ships the ATen/c10 CUDA headers but no
+CUDA libraries) can still prove that the CUDA kernels build for sm_80 and sm_90: each ``cuda``
+source is compiled with ``-c`` to an object in a temporary directory; nothing is linked.
+
+Usage: ``python tools/check_cuda.py [--jobs N] [--nvcc PATH] [FILE ...]``. Prints one line per
+file with its compile time; exits 1 if any file fails (its diagnostics are printed), 2 if nvcc
+cannot be found.
+
+Flags mirror torch's extension build (torch.utils.cpp_extension): its COMMON_NVCC_FLAGS
+(-D__CUDA_NO_HALF_OPERATORS__ ... --expt-relaxed-constexpr), -DTORCH_EXTENSION_NAME=_C,
+-DTORCH_API_INCLUDE_EXTENSION_H, -D_GLIBCXX_USE_CXX11_ABI=<torch's>, plus setup.py's
+-DPYSONIC_WITH_CUDA, and the include paths of torch, csrc/, kernels/cuda/ and Python.
+Warnings are errors (-Werror all-warnings for nvcc, -Wall -Werror for the host compiler).
+No warning is silenced. One define works around the CPU wheel: it lacks the generated
+c10/cuda/impl/cuda_cmake_macros.h, so -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE is passed when that file
+is missing (the header only sets a Windows DLL-export macro).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ARCHS = ("80", "90")
+
+
+def cuda_sources(root: Path = ROOT) -> list[str]:
+    """The ``cuda`` group of csrc/sources.txt, relative to the repo root."""
+    out = []
+    for line in (root / "csrc" / "sources.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        group, path = line.split()
+        if group == "cuda":
+            out.append(path)
+    return out
+
+
+def find_nvcc(explicit: str | None) -> str | None:
+    candidates = [explicit] if explicit else []
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc"))
+    candidates += ["/usr/local/bin/nvcc", "/usr/local/cuda/bin/nvcc", shutil.which("nvcc")]
+    for c in candidates:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def nvcc_flags() -> list[str]:
+    import torch
+    from torch.utils import cpp_extension
+
+    flags = ["-std=c++20", "-O3", "-Xcompiler", "-fPIC,-Wall,-Werror", "-Werror", "all-warnings"]
+    for arch in ARCHS:
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    flags += list(cpp_extension.COMMON_NVCC_FLAGS)
+    flags += [
+        "-DTORCH_EXTENSION_NAME=_C",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        "-DPYSONIC_WITH_CUDA",
+        '-DPYSONIC_CUDA_ARCHS="8.0;9.0"',
+    ]
+    includes = list(cpp_extension.include_paths())
+    macros = Path(includes[0]) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    if not macros.exists():
+        flags.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
+    includes += [str(ROOT / "csrc"), str(ROOT / "kernels" / "cuda"), sysconfig.get_paths()["include"]]
+    flags += [f"-I{p}" for p in includes]
+    return flags
+
+
+def compile_one(nvcc: str, flags: list[str], src: str, outdir: str) -> tuple[str, bool, float, str]:
+    obj = os.path.join(outdir, src.replace("/", "_") + ".o")
+    start = time.monotonic()
+    proc = subprocess.run([nvcc, *flags, "-c", str(ROOT / src), "-o", obj], capture_output=True, text=True)
+    elapsed = time.monotonic() - start
+    ok = proc.returncode == 0 and os.path.exists(obj)
+    return src, ok, elapsed, (proc.stdout + proc.stderr).strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", "-j", type=int, default=1, help="parallel nvcc processes (default 1)")
+    parser.add_argument("--nvcc", default=None, help="path of nvcc (default: $CUDA_HOME/bin/nvcc, /usr/local/bin/nvcc, PATH)")
+    parser.add_argument("files", nargs="*", help="only these sources (default: every cuda source of csrc/sources.txt)")
+    args = parser.parse_args(argv)
+    nvcc = find_nvcc(args.nvcc)
+    if nvcc is None:
+        print("check_cuda: nvcc not found (set CUDA_HOME or pass --nvcc)", file=sys.stderr)
+        return 2
+    sources = args.files or cuda_sources()
+    missing = [s for s in sources if not (ROOT / s).is_file()]
+    if missing:
+        print(f"check_cuda: missing sources: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    if not sources:
+        print("check_cuda: no cuda sources listed in csrc/sources.txt", file=sys.stderr)
+        return 1
+    flags = nvcc_flags()
+    failed = 0
+    total = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="pysonic-check-cuda-") as outdir:
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for src, ok, elapsed, log in pool.map(lambda s: compile_one(nvcc, flags, s, outdir), sources):
+                print(f"{'ok  ' if ok else 'FAIL'} {src} {elapsed:.1f}s", flush=True)
+                if not ok:
+                    failed += 1
+                    print(log, flush=True)
+    print(f"check_cuda: {len(sources) - failed}/{len(sources)} compiled for sm_{', sm_'.join(ARCHS)} "
+          f"in {time.monotonic() - total:.1f}s ({nvcc})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
