@@ -12,9 +12,16 @@
 
 #include <cstdint>
 
-// Launch `kernel` (a function pointer variable, so template commas never meet the macro).
+// Launch `kernel` (a function pointer variable, so template commas never meet the macro) and
+// declare dynamic shared memory. tests/cuda_emu/emu.h predefines these to run the kernels on the
+// CPU (PYSONIC_CUDA_EMULATE); a real build always takes the definitions below.
+#ifndef PYSONIC_CUDA_EMULATE
+#define PYSONIC_LAUNCH_SMEM(kernel, grid, block, smem, stream, ...) \
+  (kernel)<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
 #define PYSONIC_LAUNCH(kernel, grid, block, stream, ...) \
-  (kernel)<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+  PYSONIC_LAUNCH_SMEM(kernel, grid, block, 0, stream, __VA_ARGS__)
+#define PYSONIC_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
+#endif
 
 namespace pysonic::cuda {
 

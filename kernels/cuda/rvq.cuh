@@ -37,7 +37,7 @@ template <typename T>
 __global__ void _rvq_encode_kernel(const T* __restrict__ x, const float* __restrict__ books,
                                    int64_t* __restrict__ codes, int64_t rows, int64_t K,
                                    int64_t D, int64_t n_q) {
-  extern __shared__ float residual_smem[];
+  PYSONIC_DYNAMIC_SMEM(float, residual_smem);
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   const int warps = blockDim.x / kWarp;
@@ -116,8 +116,9 @@ inline void launch_rvq_encode(const T* x, const float* books, int64_t* codes, in
   const int64_t blocks = ceil_div<int64_t>(rows, warps);
   const unsigned grid = static_cast<unsigned>(blocks < (1 << 20) ? blocks : (1 << 20));
   auto kernel = &_rvq_encode_kernel<T>;
-  kernel<<<grid, warps * kWarp, static_cast<size_t>(rvq_encode_smem(warps, D)), stream>>>(
-      x, books, codes, rows, K, D, n_q);
+  PYSONIC_LAUNCH_SMEM(kernel, dim3(grid), dim3(warps * kWarp),
+                      static_cast<size_t>(rvq_encode_smem(warps, D)), stream, x, books, codes,
+                      rows, K, D, n_q);
 }
 
 template <typename C, typename I>
