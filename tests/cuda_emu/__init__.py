@@ -2,6 +2,8 @@
 
 ``load()`` compiles emu_ops.cpp with g++ into build/cuda_emu/ (cached by a hash of the sources)
 and returns the ctypes library, or raises ``Unavailable`` saying why (no g++, no CUDA headers).
+``PYSONIC_EMU_SANITIZE=1`` builds it with AddressSanitizer, so out-of-bounds accesses of the
+kernels abort (preload libasan into python for that run).
 The helpers below mirror the host launchers of csrc/cuda/*.cu after their checks: shapes,
 padding and scratch buffers are computed the same way, then the real kernels run.
 """
@@ -49,6 +51,9 @@ def load():
     flags = ["-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Werror",
              "-Wno-unknown-pragmas", "-include", str(HERE / "emu.h"), "-DPYSONIC_CUDA_EMULATE",
              f"-I{inc}", f"-I{KERNELS}"]
+    if os.environ.get("PYSONIC_EMU_SANITIZE") == "1":
+        # Run python with LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0.
+        flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
     digest = hashlib.sha256("\0".join(flags).encode())
     for s in sources:
         digest.update(s.read_bytes())
