@@ -235,11 +235,17 @@ def test_flow_step(shape, guided, dtype):
     close(out, ref32, ref_lowp, dtype, atol=1e-6, rtol=1e-5)
 
 
-def test_flow_step_unaligned_view():
-    op = cuda_op("flow_step")
-    base = torch.randn(3, 1001, device=DEV)
-    x, vc = base[:, 1:], base[:, :-1].t().contiguous().t()  # offset storage, then a strided view
-    torch.testing.assert_close(op(x, vc, None, 0.5, 1.0), reference.flow_step(x, vc, None, 0.5, 1.0))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_steps_unaligned_and_strided(dtype):
+    # Contiguous views at an odd storage offset take the scalar (unvectorised) path.
+    flow, diff = cuda_op("flow_step"), cuda_op("diffusion_step")
+    base = torch.randn(3 * 1001 + 1, device=DEV).to(dtype)
+    x = base[1:].view(3, 1001)
+    vc = torch.randn(1001, 3, device=DEV).to(dtype).t()  # strided view
+    assert x.is_contiguous() and x.data_ptr() % 16 != 0 and not vc.is_contiguous()
+    torch.testing.assert_close(flow(x, vc, None, 0.5, 1.0), reference.flow_step(x, vc, None, 0.5, 1.0))
+    c = torch.full((3,), 0.7, device=DEV)
+    torch.testing.assert_close(diff(x, vc, None, c, c, c, None), reference.diffusion_step(x, vc, None, c, c, c))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
