@@ -3,7 +3,7 @@
 
 Machines without a GPU (and with torch's CPU wheel, which ships the ATen/c10 CUDA headers but no
 CUDA libraries) can still prove that the CUDA kernels build for sm_80 and sm_90: each ``cuda``
-source is compiled with ``-c`` to an object in a temporary directory; nothing is linked.
+source is compiled with ``-c`` to an object in a temporary directory; nothing is linked (unless --link-check, below).
 
 Usage: ``python tools/check_cuda.py [--jobs N] [--nvcc PATH] [--link-check] [FILE ...]``. Prints
 one line per file with its compile time; exits 1 if any file fails (its diagnostics are printed),
