@@ -115,10 +115,21 @@ def link_check(outdir: str, sources: list[str]) -> bool:
     defines = ["-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DPYSONIC_WITH_CUDA",
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     ops_obj = os.path.join(outdir, "ops.o")
+    # Data symbols cannot bind lazily: define the one libc10_cuda object the c10/cuda headers'
+    # inline code (CUDAGuardImpl) refers to. Only this throwaway module contains it.
+    stub_src, stub_obj = os.path.join(outdir, "c10_cuda_stub.cpp"), os.path.join(outdir, "c10_cuda_stub.o")
+    Path(stub_src).write_text(
+        "#include <c10/cuda/CUDACachingAllocator.h>\n"
+        "namespace c10::cuda::CUDACachingAllocator { std::atomic<CUDAAllocator*> allocator; }\n")
+    macros = Path(cpp_extension.include_paths()[0]) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    stub_defines = [] if macros.exists() else ["-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"]
+    cuda_inc = cuda_lib.parent / "include"
     steps = [
         ["c++", "-std=c++20", "-O0", "-fPIC", "-c", str(ROOT / "csrc" / "ops.cpp"), "-o", ops_obj, *defines,
          *(f"-I{p}" for p in includes)],
-        ["c++", "-shared", "-o", os.path.join(outdir, "_C.so"), ops_obj,
+        ["c++", "-std=c++20", "-O0", "-fPIC", "-c", stub_src, "-o", stub_obj, *defines, *stub_defines,
+         f"-I{cuda_inc}", *(f"-I{p}" for p in includes)],
+        ["c++", "-shared", "-o", os.path.join(outdir, "_C.so"), ops_obj, stub_obj,
          *(os.path.join(outdir, s.replace("/", "_") + ".o") for s in sources),
          *(f"-L{p}" for p in cpp_extension.library_paths()), f"-L{cuda_lib}",
          "-lc10", "-ltorch_cpu", "-ltorch", "-ltorch_python", "-lcudart",
