@@ -26,6 +26,10 @@ ConvShape check_conv(const char* op, const at::Tensor& x, const at::Tensor& weig
               " channels for weight ", weight.sizes(), ", got x ", x.sizes());
   TORCH_CHECK(bias.size(0) == C, op, ": bias must have shape [C] = [", C, "], got ", bias.sizes());
   TORCH_CHECK(K >= 1, op, ": weight must have a kernel size K >= 1, got ", weight.sizes());
+  // Like the CPU kernel: 'same' padding needs an odd K (the kernels themselves follow the
+  // reference's padded length for any K, see kernels/cuda/conformer_conv.cuh).
+  TORCH_CHECK(causal || K % 2 == 1, op, ": kernel size K = ", K,
+              " must be odd for 'same' padding (or use causal=True)");
   TORCH_CHECK(C <= 65535LL * kConvCh, op, ": the CUDA kernel supports C <= ", 65535LL * kConvCh,
               " channels, got ", C);
   TORCH_CHECK(K <= 65535LL * kWgradTaps, op, ": the CUDA kernel supports K <= ",

@@ -168,6 +168,10 @@ def test_conformer_conv(shape, causal, dtype):
     x = torch.randn(B, T, 2 * C, device=DEV).to(dtype)
     w = (torch.randn(C, K, device=DEV) / K).to(dtype)
     b = torch.randn(C, device=DEV).to(dtype)
+    if K % 2 == 0 and not causal:  # 'same' padding needs an odd K (as on the CPU)
+        with pytest.raises(RuntimeError, match="conformer_conv: kernel size K = .* must be odd"):
+            fwd(x, w, b, causal)
+        return
     out = fwd(x, w, b, causal)
     ref32 = reference.conformer_conv(x.float(), w.float(), b.float(), causal)
     ref_lowp = reference.conformer_conv(x, w, b, causal)
