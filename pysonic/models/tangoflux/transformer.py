@@ -253,17 +253,23 @@ class FluxTransformer(nn.Module):
         source = source or "diffusers FluxTransformer2DModel state dict"
         if prefix:
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        converted, used, missing = {}, set(), []
+        converted, used, missing, shapes = {}, set(), [], []
         for ours, srcs in self._diffusers_sources().items():
             absent = [s for s in srcs if s not in state]
             if absent:
                 missing.extend(absent)
                 continue
             used.update(srcs)
-            converted[ours] = state[srcs[0]] if len(srcs) == 1 else torch.cat([state[s] for s in srcs], dim=0)
+            parts = [state[s] for s in srcs]
+            if len(parts) > 1 and len({tuple(p.shape[1:]) for p in parts}) > 1:
+                shapes.append(", ".join(f"{s}: {tuple(p.shape)}" for s, p in zip(srcs, parts)))
+                continue
+            converted[ours] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         unexpected = sorted(set(state) - used)
-        if missing or unexpected:
+        if missing or unexpected or shapes:
             problems = []
+            if shapes:
+                problems.append(f"tensors that cannot be concatenated: {shapes[:5]}")
             if missing:
                 problems.append(f"missing tensors: {missing[:20]}{' ...' if len(missing) > 20 else ''}")
             if unexpected:
