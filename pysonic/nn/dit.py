@@ -35,6 +35,9 @@ def rope_attention(
         [B, T, H*D].
     """
     B, T, H, D = q.shape
+    # under autocast the RMSNorms may return a different dtype than the v projection; the fused
+    # ops want one dtype (the projections' dtype, as autocast's SDPA would use)
+    q, k = q.to(v.dtype), k.to(v.dtype)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D] views
     if rope is not None:
         cos, sin = rope

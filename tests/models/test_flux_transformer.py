@@ -12,7 +12,7 @@ import torch
 from pysonic.checkpoints import CheckpointError
 from pysonic.models.tangoflux import FluxTransformer, FluxTransformerConfig
 from pysonic.ops import _backends
-from tests.ops.utils import REQUIRED
+from tests.ops.utils import REQUIRED, low_precision_close
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -117,6 +117,21 @@ def test_rotary_positions_matter():
     a = ours(**x)
     b = ours(**x, audio_ids=torch.arange(7).flip(0))
     assert (a - b).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_bf16_autocast_error_like_diffusers():
+    """Under bf16 autocast our error against fp32 diffusers is at most 2x diffusers' own
+    bf16-autocast error (the flash-attention rule, tests.ops.utils.low_precision_close)."""
+    ref, ours = _pair()
+    x = _inputs()
+    txt_ids, audio_ids = _tangoflux_ids(2, 7, 5)
+    want = _diffusers(ref, x, txt_ids, audio_ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_lowp = _diffusers(ref, x, txt_ids, audio_ids)
+        got = ours(**x)
+    assert got.dtype == torch.bfloat16
+    low_precision_close(got, want, ref_lowp, floor=1e-2)
 
 
 @pytest.mark.parametrize("backend", _kernel_backends())
