@@ -94,6 +94,9 @@ def test_matches_diffusers_with_tangoflux_ids(backend):
     assert got.shape == want.shape == (2, 7, TINY["in_channels"])
     assert want.abs().max() > 1.0  # a meaningful output, not a degenerate one
     torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+    # the same ids passed explicitly, in TangoFlux's batched form
+    explicit = ours(**x, audio_ids=audio_ids, text_ids=txt_ids, backend=backend)
+    torch.testing.assert_close(explicit, got, atol=0, rtol=0)
 
 
 @torch.no_grad()

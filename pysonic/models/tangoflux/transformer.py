@@ -124,7 +124,7 @@ class FluxTransformer(nn.Module):
         if ids is None:
             return default
         ids = torch.as_tensor(ids, device=device)
-        if ids.dim() == 3:  # diffusers' deprecated batched ids [B, T, n_axes]: the first item's
+        if ids.dim() == 3:  # diffusers' deprecated batched ids [B, T, n_axes]: it reads item 0
             ids = ids[0]
         if ids.dim() == 1:
             ids = ids[:, None].expand(-1, n_axes)
