@@ -29,6 +29,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "cpu/vec_utils.h"
+
 #include <vector>
 
 namespace pysonic::cpu {
@@ -38,31 +40,6 @@ constexpr int64_t kScratch = 1 << 17;  // fp32 scratch elements per work item (5
 constexpr int64_t kChanPad = 32;       // channel padding: 2 fp32 vectors of AVX-512
 constexpr int64_t kMaxGroups = 64;     // partial grad_weight/grad_bias sums in the backward
 constexpr int64_t kLdPad = 16;         // scratch row padding (floats)
-
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-template <typename T, typename A>
-inline void load2(const T* p, at::vec::Vectorized<A>& lo, at::vec::Vectorized<A>& hi) {
-  using VA = at::vec::Vectorized<A>;
-  if constexpr (std::is_same_v<T, A>) {
-    lo = VA::loadu(p);
-    hi = VA::loadu(p + VA::size());
-  } else {
-    std::tie(lo, hi) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
-  }
-}
-
-template <typename T, typename A>
-inline void store2(T* p, const at::vec::Vectorized<A>& lo, const at::vec::Vectorized<A>& hi) {
-  using VA = at::vec::Vectorized<A>;
-  if constexpr (std::is_same_v<T, A>) {
-    lo.store(p);
-    hi.store(p + VA::size());
-  } else {
-    at::vec::convert_from_float<T>(lo, hi).store(p);
-  }
-}
 
 template <typename A>
 inline at::vec::Vectorized<A> vsigmoid(const at::vec::Vectorized<A>& v) {

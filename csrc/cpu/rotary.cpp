@@ -20,37 +20,12 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "cpu/vec_utils.h"
+
 #include <cstring>
 
 namespace pysonic::cpu {
 namespace {
-
-// fp32 compute for every dtype except float64 (gradcheck runs the kernel in float64).
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-// Loads/stores 2 * Vectorized<A>::size() elements of T as two vectors of A.
-template <typename T, typename A>
-inline void load2(const T* p, at::vec::Vectorized<A>& lo, at::vec::Vectorized<A>& hi) {
-  using VA = at::vec::Vectorized<A>;
-  if constexpr (std::is_same_v<T, A>) {
-    lo = VA::loadu(p);
-    hi = VA::loadu(p + VA::size());
-  } else {
-    std::tie(lo, hi) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
-  }
-}
-
-template <typename T, typename A>
-inline void store2(T* p, const at::vec::Vectorized<A>& lo, const at::vec::Vectorized<A>& hi) {
-  using VA = at::vec::Vectorized<A>;
-  if constexpr (std::is_same_v<T, A>) {
-    lo.store(p);
-    hi.store(p + VA::size());
-  } else {
-    at::vec::convert_from_float<T>(lo, hi).store(p);
-  }
-}
 
 // Rotates one row of D channels: xr -> orow (both unit stride), with the cos/sin row of its
 // time step (half = R/2 values each, compute type A).
