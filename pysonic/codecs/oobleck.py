@@ -31,6 +31,17 @@ from pysonic.nn.snake import Snake
 
 DILATIONS = (1, 3, 9)  # residual units per block (Stable Audio / DAC)
 RES_KERNEL = 7  # residual unit's dilated conv
+CL = torch.channels_last  # activations inside the encoder/decoder are [B, C, 1, L] in this layout
+
+
+def _to_2d(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, L] -> [B, C, 1, L] channels-last (one copy)."""
+    return x.unsqueeze(2).contiguous(memory_format=CL)
+
+
+def _to_1d(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, 1, L] -> contiguous [B, C, L]."""
+    return x.squeeze(2).contiguous()
 
 
 @dataclass(frozen=True)
@@ -102,10 +113,16 @@ class WNConv1d(nn.Module):
         return v * (self.weight_g / v.norm(dim=(1, 2), keepdim=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, C_in, L] -> [B, C_out, L']."""
+        """x: [B, C_in, 1, L] channels-last -> [B, C_out, 1, L'] channels-last.
+
+        Run as a 2-D convolution over a height-1 image in channels-last layout: oneDNN then
+        convolves without the layout reorders it adds around every NCL 1-D convolution (4-5x
+        faster in bf16, about 1.5x in fp32 on this CPU).
+        """
+        w = self.weight().unsqueeze(2).contiguous(memory_format=CL)
         if self.transposed:
-            return F.conv_transpose1d(x, self.weight(), self.bias, stride=self.stride, padding=self.padding)
-        return F.conv1d(x, self.weight(), self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation)
+            return F.conv_transpose2d(x, w, self.bias, stride=(1, self.stride), padding=(0, self.padding))
+        return F.conv2d(x, w, self.bias, stride=(1, self.stride), padding=(0, self.padding), dilation=(1, self.dilation))
 
 
 class ResidualUnit(nn.Module):
@@ -164,10 +181,10 @@ class OobleckEncoder(nn.Module):
         self.conv2 = WNConv1d(h * mult[-1], h, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
+        x = self.conv1(_to_2d(x))
         for block in self.block:
             x = block(x)
-        return self.conv2(self.snake1(x))
+        return _to_1d(self.conv2(self.snake1(x)))
 
 
 class OobleckDecoder(nn.Module):
@@ -185,10 +202,10 @@ class OobleckDecoder(nn.Module):
         self.conv2 = WNConv1d(c, cfg.audio_channels, 7, padding=3, bias=False)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(z)
+        x = self.conv1(_to_2d(z))
         for block in self.block:
             x = block(x)
-        return self.conv2(self.snake1(x))
+        return _to_1d(self.conv2(self.snake1(x)))
 
 
 def decoder_receptive_field(cfg: OobleckConfig) -> int:

@@ -29,9 +29,10 @@ class Snake(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, C, ...] -> same shape."""
         shape = x.shape
-        x = x.reshape(shape[0], shape[1], -1)
+        x = x.reshape(shape[0], shape[1], -1)  # a view for contiguous and channels-last inputs
         alpha, beta = (self.alpha.exp(), self.beta.exp()) if self.logscale else (self.alpha, self.beta)
-        x = x + (beta + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
+        # x + sin(alpha x)^2 / (beta + 1e-9): three passes over x, two of them in place
+        x = torch.addcmul(x, (beta + 1e-9).reciprocal(), torch.sin(alpha * x).square_())
         return x.reshape(shape)
 
     def extra_repr(self) -> str:
