@@ -28,12 +28,12 @@ class Snake(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, C, ...] -> same shape."""
-        shape = x.shape
-        x = x.reshape(shape[0], shape[1], -1)  # a view for contiguous and channels-last inputs
+        # broadcast [1, C, 1] over any trailing dims; the result keeps x's memory layout
+        per_channel = (1, self.channels) + (1,) * (x.dim() - 2)
         alpha, beta = (self.alpha.exp(), self.beta.exp()) if self.logscale else (self.alpha, self.beta)
+        alpha, inv_beta = alpha.view(per_channel), (beta + 1e-9).reciprocal().view(per_channel)
         # x + sin(alpha x)^2 / (beta + 1e-9): three passes over x, two of them in place
-        x = torch.addcmul(x, (beta + 1e-9).reciprocal(), torch.sin(alpha * x).square_())
-        return x.reshape(shape)
+        return torch.addcmul(x, inv_beta, torch.sin(alpha * x).square_())
 
     def extra_repr(self) -> str:
         return f"{self.channels}, logscale={self.logscale}"
