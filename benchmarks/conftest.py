@@ -51,7 +51,7 @@ def machine_peaks():
 def _rate(info, seconds):
     peaks = PEAKS
     if info.get("flops"):
-        peak = peaks.get("matmul_bf16_gflops" if info.get("dtype") == "bf16" else "matmul_fp32_gflops")
+        peak = peaks.get("matmul_bf16_gflops" if info.get("dtype") in ("bf16", "bfloat16") else "matmul_fp32_gflops")
         rate = info["flops"] / seconds / 1e9
         return f"{rate:.1f} GFLOP/s", f"{100 * rate / peak:.0f}% of matmul" if peak else ""
     if info.get("bytes"):
