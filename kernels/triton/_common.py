@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pysonic.ops import _checks
+
 #: True when Triton runs kernels through its CPU interpreter (read once, like Triton does).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -65,26 +67,13 @@ def next_pow2(n: int, minimum: int = 1) -> int:
 # argument checks (every message names the op and the argument)
 
 
-def check_tensor(op: str, name: str, t, *, dim: int | None = None, dtypes=None, integer: bool = False):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if dim is not None and t.dim() != dim:
-        raise ValueError(f"{op}: {name} must have {dim} dimensions, got shape {tuple(t.shape)}")
-    if dtypes is not None and t.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{op}: {name} must have dtype in ({names}), got {t.dtype}")
-    if integer and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
-        raise TypeError(f"{op}: {name} must have an integer dtype, got {t.dtype}")
+# The op API's checks, so both layers word their errors the same way.
+check_tensor = _checks.tensor
 
 
 def check_device(op: str, **tensors) -> torch.device:
     """All given tensors share one device that Triton can run here; returns it."""
-    items = [(n, t) for n, t in tensors.items() if t is not None]
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        if t.device != first.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
-    device = first.device
+    device = _checks.same_device(op, **tensors)
     if device.type == "cpu" and not INTERPRET:
         raise ValueError(f"{op}: Triton runs CPU tensors only under TRITON_INTERPRET=1 (set before importing triton)")
     if device.type not in ("cpu", "cuda", "meta"):

@@ -6,8 +6,8 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def tensor(op: str, name: str, value, *, dim: int | None = None, dtypes=None) -> None:
-    """``value`` is a tensor with ``dim`` dimensions and a dtype in ``dtypes``."""
+def tensor(op: str, name: str, value, *, dim: int | None = None, dtypes=None, integer: bool = False) -> None:
+    """``value`` is a tensor with ``dim`` dimensions and a dtype in ``dtypes`` (or an integer dtype)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
     if dim is not None and value.dim() != dim:
@@ -15,6 +15,8 @@ def tensor(op: str, name: str, value, *, dim: int | None = None, dtypes=None) ->
     if dtypes is not None and value.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{op}: {name} must have dtype in ({names}), got {value.dtype}")
+    if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+        raise TypeError(f"{op}: {name} must have an integer dtype, got {value.dtype}")
 
 
 def same_device(op: str, **tensors) -> torch.device:
