@@ -12,35 +12,22 @@ Run: python -m pytest benchmarks/bench_encodec.py --benchmark-only -q
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
 
 import pytest
 import torch
 
 from pysonic.codecs.encodec import EncodecModel
+from tests.peers import import_encodec_package
 
 SECONDS = 10
 SR = 24_000
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _encodec_package():
-    stub = None
-    if importlib.util.find_spec("torchaudio") is None:
-        stub = sys.modules.setdefault("torchaudio", types.ModuleType("torchaudio"))
-    try:
-        return pytest.importorskip("encodec")
-    finally:
-        if stub is not None and sys.modules.get("torchaudio") is stub:
-            del sys.modules["torchaudio"]
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     torch.set_num_threads(2)
-    encodec = _encodec_package()
+    encodec = import_encodec_package()
     torch.manual_seed(0)
     peer = encodec.EncodecModel.encodec_model_24khz(pretrained=False)
     with torch.no_grad():

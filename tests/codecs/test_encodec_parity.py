@@ -18,15 +18,13 @@ is put into sys.modules for the import only, and removed again.
 """
 from __future__ import annotations
 
-import importlib
 import math
-import sys
-import types
 
 import pytest
 import torch
 
 from pysonic.codecs.encodec import EncodecModel
+from tests.peers import import_encodec_package
 
 DECODE_ATOL = 1e-4  # fp32 decode tolerance from the issue
 # Relative size of a distance difference that counts as a tie: the expanded fp32 distance
@@ -43,17 +41,6 @@ def _plain_cpu_kernels():
     Both sides run under the same setting."""
     with torch.backends.mkldnn.flags(enabled=False):
         yield
-
-
-def _import_encodec_package():
-    stub = None
-    if importlib.util.find_spec("torchaudio") is None:
-        stub = sys.modules.setdefault("torchaudio", types.ModuleType("torchaudio"))
-    try:
-        return pytest.importorskip("encodec")
-    finally:
-        if stub is not None and sys.modules.get("torchaudio") is stub:
-            del sys.modules["torchaudio"]
 
 
 def _audio(channels: int, n: int, sample_rate: int) -> torch.Tensor:
@@ -119,7 +106,7 @@ def _check_codes(ours: torch.Tensor, theirs: torch.Tensor, latents, books: torch
 
 # ---------------------------------------------------------------------------- encodec package
 def _package_model(kind: str):
-    encodec = _import_encodec_package()
+    encodec = import_encodec_package()
     from encodec import modules as m
     from encodec import quantization as qt
 
