@@ -1,0 +1,1 @@
+"""Datasets and audio data: manifests (``pysonic.data.manifest``)."""
