@@ -1,0 +1,333 @@
+"""TangoFlux flow-matching training: pre-training and fine-tuning (stages 1 and 2).
+
+What the released tangoflux/train.py + model.py ``forward(..., sft=True)`` do, step by step:
+
+- audio: the first ``max_audio_duration`` seconds, resampled to 44.1 kHz, zero-padded to exactly
+  that length (so every latent sequence has the same length: 645 frames for 30 s), mono repeated
+  to stereo; encoded by the frozen VAE with a *sample* of its posterior (``latent_dist.sample()``);
+- duration: the manifest's ``duration`` clamped to ``max_audio_duration``; the model's duration
+  embedder clamps and normalises it again;
+- text: the frozen text encoder's states of the caption (FLAN-T5, at most 64 tokens);
+- timesteps: ``u = sigmoid(N(0, 1))`` (diffusers ``compute_density_for_timestep_sampling``,
+  ``logit_normal``, mean 0, std 1), index ``floor(1000 u)`` into the 1000 training timesteps of
+  ``FlowMatchEulerDiscreteScheduler`` (``1000, 999, ..., 1``), so ``sigma = (1000 - index) / 1000``;
+  the transformer is given ``sigma`` (``timesteps / 1000``);
+- noisy latents ``(1 - sigma) * latents + sigma * noise``; target ``noise - latents``; loss the
+  plain mean squared error per example, averaged over the batch (no loss weighting);
+- CFG text dropout ("uncondition", off in the released config): each example's whole conditioning
+  sequence (text states and the duration token) is zeroed with probability 0.1; the pooled text
+  projection is left as it is;
+- trained: the transformer and the text projection ``fc``; the duration embedder is not in the
+  released optimizer, so it keeps its initial weights (``train_duration_embedder`` turns it on).
+
+Stages: ``stage="pretrain"`` starts from the model as constructed (random weights);
+``stage="finetune"`` requires ``init_from`` (a checkpoint of the previous stage). Otherwise they
+differ only in data and hyperparameters (the config's business).
+
+Randomness: every random draw of an example (posterior sample, timestep, dropout, noise) comes
+from a generator seeded by ``(seed, step, dataset index)``. A run's result therefore does not
+depend on how the global batch is split over processes, nor on a resume.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pysonic.data.manifest import fit_channels, fit_length, resample
+from pysonic.train import TrainConfig, Trainer
+
+__all__ = [
+    "FlowMatchingConfig",
+    "FlowMatchingTrainer",
+    "sample_sigmas",
+    "example_generators",
+    "collate_examples",
+    "freeze_for_training",
+]
+
+NUM_TRAIN_TIMESTEPS = 1000  # FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000) in tangoflux/model.py
+
+
+@dataclass
+class FlowMatchingConfig(TrainConfig):
+    """:class:`TrainConfig` plus the flow-matching choices (defaults: the released training)."""
+
+    stage: str = "pretrain"  # "pretrain" | "finetune"
+    init_from: str | None = None  # weights to start from (required for "finetune")
+    max_audio_duration: float = 30.0  # config["training"]["max_audio_duration"]
+    uncondition: bool = False  # CFG text dropout; the released config has it off
+    uncondition_prob: float = 0.1  # model.py: random.random() < 0.1
+    logit_mean: float = 0.0  # compute_density_for_timestep_sampling(logit_mean=0, logit_std=1)
+    logit_std: float = 1.0
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
+    sample_posterior: bool = True  # vae.encode(...).latent_dist.sample(); False: the posterior mean
+    train_duration_embedder: bool = False  # the released optimizer holds transformer + fc only
+
+    STAGES = ("pretrain", "finetune")  # class attribute (no annotation): the stages this config runs
+
+    def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        if self.stage not in self.STAGES:
+            raise ValueError(f"{type(self).__name__}: stage must be one of {list(self.STAGES)}, got {self.stage!r}")
+        if self.stage == "finetune" and not self.init_from:
+            raise ValueError("FlowMatchingConfig: stage 'finetune' needs init_from (the pre-trained weights)")
+        if not self.max_audio_duration > 0:
+            raise ValueError(f"FlowMatchingConfig: max_audio_duration must be > 0, got {self.max_audio_duration}")
+        if not 0.0 <= self.uncondition_prob <= 1.0:
+            raise ValueError(f"FlowMatchingConfig: uncondition_prob must be in [0, 1], got {self.uncondition_prob}")
+        if self.logit_std <= 0:
+            raise ValueError(f"FlowMatchingConfig: logit_std must be > 0, got {self.logit_std}")
+        if self.num_train_timesteps < 1:
+            raise ValueError(f"FlowMatchingConfig: num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
+
+
+# ---------------------------------------------------------------------------- pieces
+
+
+_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+
+
+def example_generators(seed: int, step: int, indices: Sequence[int] | torch.Tensor, *, salt: int = 0) -> list[torch.Generator]:
+    """One CPU generator per example, seeded by ``(seed, step, index, salt)``."""
+    out = []
+    for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices):
+        g = torch.Generator()
+        g.manual_seed((seed * _MIX[0] + step * _MIX[1] + int(i) * _MIX[2] + salt) % (2**63 - 1))
+        out.append(g)
+    return out
+
+
+def sample_sigmas(generators: Sequence[torch.Generator], *, logit_mean: float = 0.0, logit_std: float = 1.0,
+                  num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
+    """TangoFlux's training sigmas, one per generator -> float32 ``[B]`` in ``(0, 1]``.
+
+    ``u = sigmoid(N(logit_mean, logit_std))``, ``index = floor(u * T)`` (clamped to ``T - 1``
+    where fp32 rounds ``u`` to 1), ``sigma = (T - index) / T``.
+    """
+    T = int(num_train_timesteps)
+    u = torch.stack([torch.normal(logit_mean, logit_std, (1,), generator=g)[0] for g in generators]).sigmoid()
+    index = (u * T).long().clamp_(0, T - 1)
+    return ((T - index).double() / T).float()
+
+
+def freeze_for_training(model: nn.Module, *, train_duration_embedder: bool = False) -> None:
+    """Set ``requires_grad`` as the released optimizer does: transformer and ``fc`` trained,
+    the duration embedder frozen unless asked."""
+    model.requires_grad_(True)
+    embedder = _duration_embedder(model)
+    if embedder is not None and not train_duration_embedder:
+        embedder.requires_grad_(False)
+
+
+def _duration_embedder(model: nn.Module) -> nn.Module | None:
+    for name in ("duration_embedder", "duration_emebdder", "duration_embed"):
+        m = getattr(model, name, None)
+        if isinstance(m, nn.Module):
+            return m
+    return None
+
+
+def collate_examples(items: list[Mapping[str, Any]], *, sample_rate: int, channels: int, max_duration: float,
+                     audio_keys: tuple[str, ...] = ("audio",)) -> dict[str, Any]:
+    """Batch examples as the trainers want them.
+
+    Each item holds ``"caption"`` (str), ``"duration"`` (seconds), ``"index"`` (int) and, per key
+    of ``audio_keys``, either a waveform ``[C, N]`` (optional ``"sample_rate"`` beside it, default
+    ``sample_rate``) or precomputed latents under ``"<key>_latents"`` ``[T, D]``. Waveforms are
+    resampled, fitted to ``channels`` and padded/cropped to ``int(sample_rate * max_duration)``.
+    Other keys (e.g. SonicSynth's ``"attributes"``) are dropped.
+    """
+    if not items:
+        raise ValueError("collate_examples: empty batch")
+    n = int(sample_rate * max_duration)
+    out: dict[str, Any] = {}
+    for key in audio_keys:
+        lat_key = f"{key}_latents" if key != "audio" else "latents"
+        if all(lat_key in it for it in items):
+            out[lat_key] = torch.stack([torch.as_tensor(it[lat_key], dtype=torch.float32) for it in items])
+            continue
+        wavs = []
+        for it in items:
+            if key not in it:
+                raise ValueError(f"collate_examples: an item has neither {key!r} nor {lat_key!r}")
+            w = torch.as_tensor(it[key], dtype=torch.float32)
+            if w.dim() == 1:
+                w = w[None]
+            if w.dim() != 2:
+                raise ValueError(f"collate_examples: {key!r} must be [C, N], got shape {tuple(w.shape)}")
+            w = resample(w, int(it.get("sample_rate", sample_rate)), sample_rate)
+            wavs.append(fit_length(fit_channels(w, channels), n))
+        out[key] = torch.stack(wavs)
+    out["caption"] = [str(it["caption"]) for it in items]
+    out["duration"] = torch.tensor([min(float(it["duration"]), max_duration) for it in items], dtype=torch.float32)
+    out["index"] = torch.tensor([int(it["index"]) for it in items], dtype=torch.long)
+    return out
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Adds ``"index"`` to each item of a map-style dataset of dicts (unless it has one)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.dataset[i]
+        if not isinstance(item, Mapping):
+            raise TypeError(f"IndexedDataset: items must be dicts, item {i} is {type(item).__name__}")
+        return item if "index" in item else {**item, "index": i}
+
+
+# ---------------------------------------------------------------------------- trainer
+
+
+class FlowMatchingTrainer(Trainer):
+    """Stage 1 / 2 trainer. ``model`` is the TangoFluxModel (trained); ``vae`` and
+    ``text_encoder`` are frozen and kept out of checkpoints.
+
+    Args:
+        model: a TangoFluxModel (``velocity(latents, sigma, text_states, text_mask, duration)``).
+        config: :class:`FlowMatchingConfig`.
+        dataset: map-style dataset of dicts (``audio`` [C, N] or ``latents`` [T, D], ``caption``,
+            ``duration``), e.g. :class:`pysonic.data.manifest.AudioCaptionDataset`.
+        text_encoder: ``encode(list[str]) -> (states [B, L, D], mask [B, L] bool)``.
+        vae: the frozen VAE (``encode_distribution`` / ``encode``); may be None when every item
+            carries ``latents``.
+    """
+
+    audio_keys: tuple[str, ...] = ("audio",)
+
+    def __init__(self, model: nn.Module, config: FlowMatchingConfig, dataset, *, text_encoder,
+                 vae: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None, dist=None) -> None:
+        if config.init_from:
+            load_model_weights(model, config.init_from)
+        freeze_for_training(model, train_duration_embedder=config.train_duration_embedder)
+        sr = int(getattr(vae, "sampling_rate", 44_100)) if vae is not None else 44_100
+        ch = int(vae.config.audio_channels) if vae is not None else 2
+        self.sample_rate, self.audio_channels = sr, ch
+        collate = _Collate(sr, ch, float(config.max_audio_duration), self.audio_keys)
+        if optimizer is None:
+            optimizer = build_optimizer(model, config)
+        super().__init__(model, config, IndexedDataset(dataset), collate_fn=collate, optimizer=optimizer, dist=dist)
+        device = self.dist.device
+        self.vae = vae.to(device).eval().requires_grad_(False) if vae is not None else None
+        self.text_encoder = text_encoder
+        if hasattr(text_encoder, "to"):
+            moved = text_encoder.to(device)
+            self.text_encoder = moved if moved is not None else text_encoder
+        if isinstance(self.text_encoder, nn.Module):
+            self.text_encoder.eval().requires_grad_(False)
+
+    # -- encoding (frozen parts, no autocast: fp32 latents and text states)
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(self.dist.device.type, enabled=False):
+            states, mask = self.text_encoder.encode(list(captions))
+        return states.to(self.dist.device).float(), mask.to(self.dist.device).bool()
+
+    @torch.no_grad()
+    def encode_audio(self, batch: Mapping[str, Any], key: str, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """Latents ``[B, T, D]`` of ``batch[key]`` (or its precomputed latents)."""
+        lat_key = f"{key}_latents" if key != "audio" else "latents"
+        device = self.dist.device
+        if lat_key in batch:
+            return batch[lat_key].to(device).float()
+        if self.vae is None:
+            raise ValueError(f"{type(self).__name__}: batch holds audio but no vae was given")
+        with torch.autocast(device.type, enabled=False):
+            mean, std = self.vae.encode_distribution(batch[key].to(device))
+            mean, std = mean.float(), std.float()
+            if self.config.sample_posterior:
+                eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators]).to(device)
+                z = mean + std * eps
+            else:
+                z = mean
+        return z.transpose(1, 2).contiguous()  # [B, D, T] -> [B, T, D]
+
+    def draw(self, generators: Sequence[torch.Generator], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-example ``(sigma [B], drop [B] bool, noise [B, *shape])`` from the generators."""
+        cfg = self.config
+        device = self.dist.device
+        sigma = sample_sigmas(generators, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+                              num_train_timesteps=cfg.num_train_timesteps)
+        drop = torch.stack([torch.rand((), generator=g) for g in generators]) < cfg.uncondition_prob
+        if not cfg.uncondition:
+            drop = torch.zeros_like(drop)
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
+        return sigma.to(device), drop.to(device), noise.to(device)
+
+    def compute_loss(self, model, batch):
+        cfg = self.config
+        gens = example_generators(cfg.seed, int(self.step), batch["index"])
+        latents = self.encode_audio(batch, "audio", gens)
+        states, mask = self.encode_text(batch["caption"])
+        duration = batch["duration"].to(self.dist.device)
+        sigma, drop, noise = self.draw(gens, tuple(latents.shape[1:]))
+        s = sigma.view(-1, 1, 1)
+        noisy = (1.0 - s) * latents + s * noise
+        pred = call_velocity(model, noisy, sigma, states, mask, duration, drop_condition=drop)
+        target = noise - latents
+        loss = ((pred.float() - target.float()) ** 2).flatten(1).mean(1).mean()
+        return loss, {"loss": float(loss.detach()), "sigma_mean": float(sigma.mean())}
+
+
+class _Collate:
+    """Picklable collate (DataLoader workers)."""
+
+    def __init__(self, sample_rate: int, channels: int, max_duration: float, audio_keys: tuple[str, ...]) -> None:
+        self.kw = dict(sample_rate=sample_rate, channels=channels, max_duration=max_duration, audio_keys=audio_keys)
+
+    def __call__(self, items):
+        return collate_examples(items, **self.kw)
+
+
+# ---------------------------------------------------------------------------- model glue
+
+
+def call_velocity(model: nn.Module, latents: torch.Tensor, sigma: torch.Tensor, states: torch.Tensor,
+                  mask: torch.Tensor, duration: torch.Tensor, *, drop_condition: torch.Tensor | None = None) -> torch.Tensor:
+    """The velocity through ``model``'s forward (so DDP sees the call)."""
+    if drop_condition is not None and bool(drop_condition.any()):
+        return model(latents, sigma, states, mask, duration, drop_condition=drop_condition)
+    return model(latents, sigma, states, mask, duration)
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the parameters that require grad (the released: transformer + fc)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("build_optimizer: the model has no trainable parameters")
+    return torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+
+
+def load_model_weights(model: nn.Module, source: str | Path) -> None:
+    """Load weights into ``model`` from ``source``: a safetensors/pt state dict of this model
+    (e.g. a previous stage's ``final.safetensors``) or the released TangoFlux layout."""
+    from pysonic.checkpoints import load_into, read_state_dict
+
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"init_from: no such file or directory {str(path)!r}")
+    if path.is_dir():
+        path = path / "tangoflux.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"init_from: {str(source)!r} is a directory without tangoflux.safetensors")
+    state = read_state_dict(path)
+    own = set(model.state_dict())
+    if set(state) == own:
+        load_into(model, state, source=str(path))
+        return
+    loader = getattr(model, "load_released_state_dict", None)
+    if loader is None:
+        raise ValueError(f"init_from: the keys of {str(path)!r} are not this model's")
+    loader(state)
