@@ -20,10 +20,7 @@ then the next round starts from the trained weights (its reference is the new st
 
 Differences from the release, on purpose: the clips are generated at the round's duration and
 kept at that length (the release generates 645 frames and keeps 220, 10.2 s), and the pair
-manifest records that duration (the release copies the prompt bank's). The release's reference
-is a copy of the transformer only, fed with the trained model's text projection; here it is a
-copy of the whole model (the same thing when the text projection is frozen), see
-:class:`DPOTrainer`.
+manifest records that duration (the release copies the prompt bank's).
 """
 from __future__ import annotations
 
@@ -47,7 +44,6 @@ from pysonic.train import init_distributed
 from pysonic.train.flow_matching import (
     FlowMatchingConfig,
     FlowMatchingTrainer,
-    call_velocity,
     example_generators,
     load_model_weights,
 )
@@ -135,8 +131,9 @@ class DPOTrainer(FlowMatchingTrainer):
     """DPO on a pair dataset (items ``chosen``, ``reject`` audio or ``chosen_latents`` /
     ``reject_latents``, ``caption``, ``duration``).
 
-    The reference is a frozen copy of ``model`` taken after ``init_from`` is loaded and before
-    any step (so a resumed run rebuilds the same reference).
+    The reference is a frozen copy of the transformer taken after ``init_from`` is loaded and
+    before any step (a resumed run rebuilds the same one); it is fed the conditioning of the
+    trained model (its text projection and duration token), as the release's ``ref_transformer``.
     """
 
     audio_keys = ("chosen", "reject")
@@ -146,9 +143,9 @@ class DPOTrainer(FlowMatchingTrainer):
         if config.init_from:
             load_model_weights(model, config.init_from)
             config = dataclasses.replace(config, init_from=None)
-        self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        reference = copy.deepcopy(model.transformer)
         super().__init__(model, config, dataset, text_encoder=text_encoder, vae=vae, optimizer=optimizer, dist=dist)
-        self.reference.to(self.dist.device)
+        self.model.set_reference(reference.to(self.dist.device))
 
     def compute_loss(self, model, batch):
         cfg = self.config
@@ -160,18 +157,15 @@ class DPOTrainer(FlowMatchingTrainer):
         states, mask = self.encode_text(batch["caption"])
         duration = batch["duration"].to(self.dist.device)
         sigma, _, noise = self.draw(gens, tuple(lat_w.shape[1:]))
-        # chosen first, then rejected; the same timestep and noise for both halves of a pair
+        # chosen first, then rejected; one timestep and one noise per pair, shared by both halves
         latents = torch.cat([lat_w, lat_l])
         noise, sigma = torch.cat([noise, noise]), torch.cat([sigma, sigma])
         states, mask, duration = states.repeat(2, 1, 1), mask.repeat(2, 1), duration.repeat(2)
         s = sigma.view(-1, 1, 1)
         noisy = (1.0 - s) * latents + s * noise
-        target = noise - latents
-        pred = call_velocity(model, noisy, sigma, states, mask, duration)
-        with torch.no_grad():
-            ref_pred = call_velocity(self.reference, noisy, sigma, states, mask, duration)
-        loss, logs = dpo_flow_loss(pred, ref_pred, target, beta=cfg.beta_dpo)
-        return loss, {"loss": float(loss.detach()), **{k: float(v) for k, v in logs.items()}}
+        pred, ref_pred = model(noisy, sigma, states, mask, duration, reference=True)
+        loss, logs = dpo_flow_loss(pred, ref_pred, noise - latents, beta=cfg.beta_dpo)
+        return loss, {k: float(v) for k, v in logs.items()}
 
 
 # ---------------------------------------------------------------------------- scoring

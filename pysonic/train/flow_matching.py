@@ -30,13 +30,11 @@ depend on how the global batch is split over processes, nor on a resume.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pysonic.data.manifest import fit_channels, fit_length, resample
@@ -49,6 +47,8 @@ __all__ = [
     "example_generators",
     "collate_examples",
     "freeze_for_training",
+    "load_model_weights",
+    "TangoFluxTrainModule",
 ]
 
 NUM_TRAIN_TIMESTEPS = 1000  # FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000) in tangoflux/model.py
@@ -191,18 +191,66 @@ class IndexedDataset(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------- trainer
 
 
+class TangoFluxTrainModule(nn.Module):
+    """What the trainer optimises (and DDP wraps): the TangoFluxModel, called as the release's
+    training forward does, with its frozen DPO reference transformer beside it.
+
+    ``forward(latents, sigma, text_states, text_mask, duration, *, drop=None, reference=False)``:
+    the conditioning (pooled text projection, text + duration-token sequence) is computed once
+    by the trained model; ``drop`` [B] bool zeroes the whole sequence of those examples (text
+    and duration token, not the pooled projection: the release's "uncondition"); with
+    ``reference=True`` it returns ``(velocity, reference velocity)``, the reference transformer
+    fed with the same conditioning (as the release's ``ref_transformer``).
+
+    The reference is not a submodule (kept out of checkpoints, EMA and DDP): it is rebuilt
+    from the starting weights when a run resumes.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self._reference: list[nn.Module] = []  # a list hides it from nn.Module's registry
+
+    @property
+    def reference(self) -> nn.Module | None:
+        return self._reference[0] if self._reference else None
+
+    def set_reference(self, transformer: nn.Module) -> None:
+        self._reference[:] = [transformer.eval().requires_grad_(False)]
+
+    def forward(self, latents, sigma, text_states, text_mask, duration, *, drop=None, reference: bool = False):
+        m = self.model
+        sigma, duration = m._check(latents, sigma, text_states, text_mask, duration)
+        dtype = m.text_proj.weight.dtype
+        latents, text_states = latents.to(dtype), text_states.to(dtype)
+        pooled = m.pooled_text(text_states, text_mask)
+        ctx = m.context(text_states, duration)
+        if drop is not None:
+            ctx = ctx * (~drop).to(ctx.dtype)[:, None, None]
+        pred = m.transformer(latents, ctx, pooled, sigma)
+        if not reference:
+            return pred
+        if self.reference is None:
+            raise ValueError("TangoFluxTrainModule: reference=True but no reference transformer is set")
+        with torch.no_grad():
+            ref = self.reference(latents, ctx.detach(), pooled.detach(), sigma)
+        return pred, ref
+
+
 class FlowMatchingTrainer(Trainer):
-    """Stage 1 / 2 trainer. ``model`` is the TangoFluxModel (trained); ``vae`` and
-    ``text_encoder`` are frozen and kept out of checkpoints.
+    """Stage 1 / 2 trainer.
 
     Args:
-        model: a TangoFluxModel (``velocity(latents, sigma, text_states, text_mask, duration)``).
+        model: a :class:`pysonic.models.tangoflux.TangoFluxModel` (trained in place).
         config: :class:`FlowMatchingConfig`.
         dataset: map-style dataset of dicts (``audio`` [C, N] or ``latents`` [T, D], ``caption``,
-            ``duration``), e.g. :class:`pysonic.data.manifest.AudioCaptionDataset`.
-        text_encoder: ``encode(list[str]) -> (states [B, L, D], mask [B, L] bool)``.
-        vae: the frozen VAE (``encode_distribution`` / ``encode``); may be None when every item
-            carries ``latents``.
+            ``duration``), e.g. :class:`pysonic.data.manifest.AudioCaptionDataset` or SonicSynth.
+        text_encoder: frozen; ``encode(list[str]) -> (states [B, L, D], mask [B, L] bool)``.
+        vae: the frozen VAE (``encode_distribution``); may be None when items carry ``latents``.
+        optimizer: default AdamW over the trained parameters (``config.lr``, ``betas``,
+            ``weight_decay``; the release: lr 5e-4, betas (0.9, 0.95), weight decay 0.01).
+
+    ``final.safetensors`` holds the TangoFluxModel's own state dict (EMA weights with EMA on).
     """
 
     audio_keys: tuple[str, ...] = ("audio",)
@@ -212,23 +260,25 @@ class FlowMatchingTrainer(Trainer):
         if config.init_from:
             load_model_weights(model, config.init_from)
         freeze_for_training(model, train_duration_embedder=config.train_duration_embedder)
-        sr = int(getattr(vae, "sampling_rate", 44_100)) if vae is not None else 44_100
-        ch = int(vae.config.audio_channels) if vae is not None else 2
-        self.sample_rate, self.audio_channels = sr, ch
-        collate = _Collate(sr, ch, float(config.max_audio_duration), self.audio_keys)
-        if optimizer is None:
-            optimizer = build_optimizer(model, config)
-        super().__init__(model, config, IndexedDataset(dataset), collate_fn=collate, optimizer=optimizer, dist=dist)
+        self.tangoflux = model
+        self.sample_rate = int(getattr(vae, "sampling_rate", 44_100)) if vae is not None else 44_100
+        self.audio_channels = int(vae.config.audio_channels) if vae is not None else 2
+        collate = _Collate(self.sample_rate, self.audio_channels, float(config.max_audio_duration), self.audio_keys)
+        super().__init__(TangoFluxTrainModule(model), config, IndexedDataset(dataset), collate_fn=collate,
+                         optimizer=optimizer, dist=dist)
         device = self.dist.device
         self.vae = vae.to(device).eval().requires_grad_(False) if vae is not None else None
         self.text_encoder = text_encoder
-        if hasattr(text_encoder, "to"):
-            moved = text_encoder.to(device)
-            self.text_encoder = moved if moved is not None else text_encoder
-        if isinstance(self.text_encoder, nn.Module):
-            self.text_encoder.eval().requires_grad_(False)
+        if isinstance(text_encoder, nn.Module):
+            self.text_encoder = text_encoder.to(device).eval().requires_grad_(False)
+        elif hasattr(text_encoder, "to"):
+            self.text_encoder = text_encoder.to(device) or text_encoder
 
-    # -- encoding (frozen parts, no autocast: fp32 latents and text states)
+    def final_weights(self) -> dict[str, torch.Tensor]:
+        """The TangoFluxModel's keys (no wrapper prefix)."""
+        return {k[len("model."):]: v for k, v in super().final_weights().items() if k.startswith("model.")}
+
+    # -- encoding (frozen parts, outside autocast: fp32 latents and text states)
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(self.dist.device.type, enabled=False):
@@ -237,13 +287,14 @@ class FlowMatchingTrainer(Trainer):
 
     @torch.no_grad()
     def encode_audio(self, batch: Mapping[str, Any], key: str, generators: Sequence[torch.Generator]) -> torch.Tensor:
-        """Latents ``[B, T, D]`` of ``batch[key]`` (or its precomputed latents)."""
+        """Latents ``[B, T, D]`` of ``batch[key]`` (or its precomputed latents); draws the posterior
+        sample from ``generators``."""
         lat_key = f"{key}_latents" if key != "audio" else "latents"
         device = self.dist.device
         if lat_key in batch:
             return batch[lat_key].to(device).float()
         if self.vae is None:
-            raise ValueError(f"{type(self).__name__}: batch holds audio but no vae was given")
+            raise ValueError(f"{type(self).__name__}: the batch holds audio but no vae was given")
         with torch.autocast(device.type, enabled=False):
             mean, std = self.vae.encode_distribution(batch[key].to(device))
             mean, std = mean.float(), std.float()
@@ -261,10 +312,8 @@ class FlowMatchingTrainer(Trainer):
         sigma = sample_sigmas(generators, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
                               num_train_timesteps=cfg.num_train_timesteps)
         drop = torch.stack([torch.rand((), generator=g) for g in generators]) < cfg.uncondition_prob
-        if not cfg.uncondition:
-            drop = torch.zeros_like(drop)
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
-        return sigma.to(device), drop.to(device), noise.to(device)
+        return sigma.to(device), drop.to(device) & cfg.uncondition, noise.to(device)
 
     def compute_loss(self, model, batch):
         cfg = self.config
@@ -275,10 +324,10 @@ class FlowMatchingTrainer(Trainer):
         sigma, drop, noise = self.draw(gens, tuple(latents.shape[1:]))
         s = sigma.view(-1, 1, 1)
         noisy = (1.0 - s) * latents + s * noise
-        pred = call_velocity(model, noisy, sigma, states, mask, duration, drop_condition=drop)
+        pred = model(noisy, sigma, states, mask, duration, drop=drop if cfg.uncondition else None)
         target = noise - latents
         loss = ((pred.float() - target.float()) ** 2).flatten(1).mean(1).mean()
-        return loss, {"loss": float(loss.detach()), "sigma_mean": float(sigma.mean())}
+        return loss, {"sigma_mean": float(sigma.mean()), "dropped": float(drop.float().mean())}
 
 
 class _Collate:
@@ -291,28 +340,9 @@ class _Collate:
         return collate_examples(items, **self.kw)
 
 
-# ---------------------------------------------------------------------------- model glue
-
-
-def call_velocity(model: nn.Module, latents: torch.Tensor, sigma: torch.Tensor, states: torch.Tensor,
-                  mask: torch.Tensor, duration: torch.Tensor, *, drop_condition: torch.Tensor | None = None) -> torch.Tensor:
-    """The velocity through ``model``'s forward (so DDP sees the call)."""
-    if drop_condition is not None and bool(drop_condition.any()):
-        return model(latents, sigma, states, mask, duration, drop_condition=drop_condition)
-    return model(latents, sigma, states, mask, duration)
-
-
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the parameters that require grad (the released: transformer + fc)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("build_optimizer: the model has no trainable parameters")
-    return torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
-
-
 def load_model_weights(model: nn.Module, source: str | Path) -> None:
-    """Load weights into ``model`` from ``source``: a safetensors/pt state dict of this model
-    (e.g. a previous stage's ``final.safetensors``) or the released TangoFlux layout."""
+    """Load weights into a TangoFluxModel from ``source``: its own state dict (a previous stage's
+    ``final.safetensors``), the release's ``tangoflux.safetensors``, or a release directory."""
     from pysonic.checkpoints import load_into, read_state_dict
 
     path = Path(source)
@@ -323,11 +353,7 @@ def load_model_weights(model: nn.Module, source: str | Path) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"init_from: {str(source)!r} is a directory without tangoflux.safetensors")
     state = read_state_dict(path)
-    own = set(model.state_dict())
-    if set(state) == own:
+    if set(state) == set(model.state_dict()):
         load_into(model, state, source=str(path))
-        return
-    loader = getattr(model, "load_released_state_dict", None)
-    if loader is None:
-        raise ValueError(f"init_from: the keys of {str(path)!r} are not this model's")
-    loader(state)
+    else:  # the release's layout (errors name what does not match)
+        model.load_release_state_dict(state, source=str(path))
