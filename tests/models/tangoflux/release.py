@@ -26,10 +26,10 @@ TINY_MODEL = dict(
     attention_head_dim=128,  # the package passes no axes_dims_rope: diffusers' (16, 56, 56) needs 128
     num_attention_heads=1,
     joint_attention_dim=64,  # = the tiny T5's d_model, as the release requires
-    audio_seq_len=645,
+    audio_seq_len=97,  # the package reads it from the config (645 released); 97 frames = 3.88 s here
     max_duration=30,
 )
-# A reduced Oobleck VAE: hop 4, 100 Hz, so 645 frames = 25.8 s and durations crop for real.
+# A reduced Oobleck VAE: hop 4, 100 Hz: 97 frames = 388 samples, so durations of 1-3 s crop for real.
 TINY_VAE = dict(
     encoder_hidden_size=128,  # 2 x 64 latent channels
     downsampling_ratios=[2, 2],
