@@ -54,6 +54,7 @@ __all__ = [
     "AudioTextScorer",
     "ClapScorer",
     "dpo_flow_loss",
+    "dpo_step_loss",
     "read_prompts",
     "build_pairs",
     "run_crpo",
@@ -157,15 +158,29 @@ class DPOTrainer(FlowMatchingTrainer):
         states, mask = self.encode_text(batch["caption"])
         duration = batch["duration"].to(self.dist.device)
         sigma, _, noise = self.draw(gens, tuple(lat_w.shape[1:]))
-        # chosen first, then rejected; one timestep and one noise per pair, shared by both halves
-        latents = torch.cat([lat_w, lat_l])
-        noise, sigma = torch.cat([noise, noise]), torch.cat([sigma, sigma])
-        states, mask, duration = states.repeat(2, 1, 1), mask.repeat(2, 1), duration.repeat(2)
-        s = sigma.view(-1, 1, 1)
-        noisy = (1.0 - s) * latents + s * noise
-        pred, ref_pred = model(noisy, sigma, states, mask, duration, reference=True)
-        loss, logs = dpo_flow_loss(pred, ref_pred, noise - latents, beta=cfg.beta_dpo)
+        loss, logs = dpo_step_loss(model, lat_w, lat_l, sigma, noise, states, mask, duration, beta=cfg.beta_dpo)
         return loss, {k: float(v) for k, v in logs.items()}
+
+
+def dpo_step_loss(model: nn.Module, lat_w: torch.Tensor, lat_l: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
+                  text_states: torch.Tensor, text_mask: torch.Tensor, duration: torch.Tensor, *, beta: float = BETA_DPO
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The release's ``forward(..., sft=False)`` for given draws: one timestep and one noise per
+    pair, shared by its chosen and rejected halves, chosen first.
+
+    Args:
+        model: a :class:`pysonic.train.flow_matching.TangoFluxTrainModule` with its reference set
+            (or its DDP wrapper).
+        lat_w, lat_l: [B, T, D] chosen and rejected latents; sigma [B]; noise [B, T, D];
+        text_states, text_mask, duration: the pairs' conditioning ([B, ...]).
+    """
+    latents = torch.cat([lat_w, lat_l])
+    noise, sigma = torch.cat([noise, noise]), torch.cat([sigma, sigma])
+    states, mask, duration = text_states.repeat(2, 1, 1), text_mask.repeat(2, 1), duration.repeat(2)
+    s = sigma.view(-1, *([1] * (latents.dim() - 1)))
+    noisy = (1.0 - s) * latents + s * noise
+    pred, ref_pred = model(noisy, sigma, states, mask, duration, reference=True)
+    return dpo_flow_loss(pred, ref_pred, noise - latents, beta=beta)
 
 
 # ---------------------------------------------------------------------------- scoring

@@ -48,6 +48,7 @@ __all__ = [
     "collate_examples",
     "freeze_for_training",
     "load_model_weights",
+    "flow_matching_loss",
     "TangoFluxTrainModule",
 ]
 
@@ -322,12 +323,29 @@ class FlowMatchingTrainer(Trainer):
         states, mask = self.encode_text(batch["caption"])
         duration = batch["duration"].to(self.dist.device)
         sigma, drop, noise = self.draw(gens, tuple(latents.shape[1:]))
-        s = sigma.view(-1, 1, 1)
-        noisy = (1.0 - s) * latents + s * noise
-        pred = model(noisy, sigma, states, mask, duration, drop=drop if cfg.uncondition else None)
-        target = noise - latents
-        loss = ((pred.float() - target.float()) ** 2).flatten(1).mean(1).mean()
+        loss = flow_matching_loss(model, latents, sigma, noise, states, mask, duration,
+                                  drop=drop if cfg.uncondition else None)
         return loss, {"sigma_mean": float(sigma.mean()), "dropped": float(drop.float().mean())}
+
+
+def flow_matching_loss(model: nn.Module, latents: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
+                       text_states: torch.Tensor, text_mask: torch.Tensor, duration: torch.Tensor, *,
+                       drop: torch.Tensor | None = None) -> torch.Tensor:
+    """The release's ``sft`` loss for given draws.
+
+    Args:
+        model: a :class:`TangoFluxTrainModule` (or its DDP wrapper).
+        latents: [B, T, D] clean latents; sigma: [B]; noise: [B, T, D].
+        text_states, text_mask, duration: the conditioning; drop: [B] bool CFG dropout or None.
+
+    Returns:
+        ``mean_b mean((v(x_sigma) - (noise - latents))^2)`` with ``x_sigma = (1 - sigma) latents + sigma noise``.
+    """
+    s = sigma.view(-1, *([1] * (latents.dim() - 1)))
+    noisy = (1.0 - s) * latents + s * noise
+    pred = model(noisy, sigma, text_states, text_mask, duration, drop=drop)
+    target = noise - latents
+    return ((pred.float() - target.float()) ** 2).flatten(1).mean(1).mean()
 
 
 class _Collate:

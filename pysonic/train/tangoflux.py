@@ -96,7 +96,7 @@ def load_text_encoder(path: str | Path):
         return WordTextEncoder.from_pretrained(path)
     from pysonic.text import T5TextEncoder
 
-    return T5TextEncoder.from_pretrained(path)
+    return T5TextEncoder(path, max_length=64)  # the release trains with 64 tokens (encode_text)
 
 
 def build_model(spec: Any):
