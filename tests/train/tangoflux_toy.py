@@ -108,6 +108,30 @@ class AudioData(torch.utils.data.Dataset):
         return {"audio": wav[None] if i % 2 else torch.stack([wav, -wav]), "caption": CAPTIONS[k], "duration": self.seconds}
 
 
+def tiny_clap_dir(path):
+    """A tiny random ClapModel + ClapProcessor saved in ``path`` (8 kHz features, word tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import (ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor,
+                              ClapTextConfig, RobertaTokenizerFast)
+
+    words = ["<s>", "<pad>", "</s>", "<unk>"] + sorted({w for c in CAPTIONS for w in c.split()})
+    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    tok = RobertaTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    fe = ClapFeatureExtractor(feature_size=16, sampling_rate=8000, hop_length=80, max_length_s=1, fft_window_size=256,
+                              truncation="rand_trunc")
+    torch.manual_seed(0)
+    text = ClapTextConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=32, max_position_embeddings=40)
+    audio = ClapAudioConfig(spec_size=64, window_size=4, num_mel_bins=16, patch_size=4, patch_stride=(4, 4), depths=[1, 1],
+                            num_attention_heads=[1, 2], hidden_size=32, patch_embeds_hidden_size=16, num_classes=4)
+    model = ClapModel(ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=8)).eval()
+    model.save_pretrained(path)
+    ClapProcessor(feature_extractor=fe, tokenizer=tok).save_pretrained(path)
+    return path
+
+
 def fixed_loss(trainer, batch, step: int = 0) -> float:
     """The trainer's loss on ``batch`` with the draws of ``step`` (same noise before and after training)."""
     saved = trainer.step
