@@ -62,7 +62,7 @@ class FlowMatchingConfig(TrainConfig):
     stage: str = "pretrain"  # "pretrain" | "finetune"
     init_from: str | None = None  # weights to start from (required for "finetune")
     max_audio_duration: float = 30.0  # config["training"]["max_audio_duration"]
-    uncondition: bool = False  # CFG text dropout; the released config has it off
+    uncondition: bool = False  # CFG text dropout (also on when the model config says so); released: off
     uncondition_prob: float = 0.1  # model.py: random.random() < 0.1
     logit_mean: float = 0.0  # compute_density_for_timestep_sampling(logit_mean=0, logit_std=1)
     logit_std: float = 1.0
@@ -174,10 +174,12 @@ def collate_examples(items: list[Mapping[str, Any]], *, sample_rate: int, channe
 
 
 class IndexedDataset(torch.utils.data.Dataset):
-    """Adds ``"index"`` to each item of a map-style dataset of dicts (unless it has one)."""
+    """Adds ``"index"`` to each item of a map-style dataset of dicts (unless it has one), and the
+    dataset's ``sample_rate`` attribute (e.g. SonicSynth's) to items that carry none."""
 
     def __init__(self, dataset) -> None:
         self.dataset = dataset
+        self.sample_rate = getattr(dataset, "sample_rate", None)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -186,7 +188,12 @@ class IndexedDataset(torch.utils.data.Dataset):
         item = self.dataset[i]
         if not isinstance(item, Mapping):
             raise TypeError(f"IndexedDataset: items must be dicts, item {i} is {type(item).__name__}")
-        return item if "index" in item else {**item, "index": i}
+        extra = {}
+        if "index" not in item:
+            extra["index"] = i
+        if self.sample_rate is not None and "sample_rate" not in item:
+            extra["sample_rate"] = int(self.sample_rate)
+        return {**item, **extra} if extra else item
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -262,6 +269,8 @@ class FlowMatchingTrainer(Trainer):
             load_model_weights(model, config.init_from)
         freeze_for_training(model, train_duration_embedder=config.train_duration_embedder)
         self.tangoflux = model
+        # CFG text dropout: the train config's switch, or the model config's (where the release keeps it)
+        self.uncondition = bool(config.uncondition or getattr(getattr(model, "config", None), "uncondition", False))
         self.sample_rate = int(getattr(vae, "sampling_rate", 44_100)) if vae is not None else 44_100
         self.audio_channels = int(vae.config.audio_channels) if vae is not None else 2
         collate = _Collate(self.sample_rate, self.audio_channels, float(config.max_audio_duration), self.audio_keys)
@@ -314,7 +323,7 @@ class FlowMatchingTrainer(Trainer):
                               num_train_timesteps=cfg.num_train_timesteps)
         drop = torch.stack([torch.rand((), generator=g) for g in generators]) < cfg.uncondition_prob
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
-        return sigma.to(device), drop.to(device) & cfg.uncondition, noise.to(device)
+        return sigma.to(device), drop.to(device) & self.uncondition, noise.to(device)
 
     def compute_loss(self, model, batch):
         cfg = self.config
@@ -324,7 +333,7 @@ class FlowMatchingTrainer(Trainer):
         duration = batch["duration"].to(self.dist.device)
         sigma, drop, noise = self.draw(gens, tuple(latents.shape[1:]))
         loss = flow_matching_loss(model, latents, sigma, noise, states, mask, duration,
-                                  drop=drop if cfg.uncondition else None)
+                                  drop=drop if self.uncondition else None)
         return loss, {"sigma_mean": float(sigma.mean()), "dropped": float(drop.float().mean())}
 
 

@@ -183,3 +183,42 @@ def test_bf16_autocast_and_bad_config(tmp_path):
     with pytest.raises(ValueError, match="no vae"):
         tr2 = FlowMatchingTrainer(tiny_model(), _cfg(tmp_path / "b", 1), AudioData(), text_encoder=tiny_text_encoder())
         tr2.fit()
+
+
+def test_items_at_another_rate_are_resampled(tmp_path):
+    """A dataset with a ``sample_rate`` attribute (SonicSynth's convention) at 1.6 kHz: resampled to
+    the VAE's 800 Hz, channels fitted, padded to max_audio_duration."""
+    from pysonic.data.manifest import resample
+
+    class Rated(torch.utils.data.Dataset):
+        sample_rate = 1600
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"audio": torch.sin(torch.arange(160.0) * (i + 1) / 10)[None], "caption": "a low hum",
+                    "duration": 0.1, "attributes": {"kind": "tone"}}
+
+    tr = FlowMatchingTrainer(tiny_model(), _cfg(tmp_path, 1), Rated(), text_encoder=tiny_text_encoder(), vae=tiny_vae())
+    batch = _batch(tr)
+    assert batch["audio"].shape == (4, 2, 96) and "attributes" not in batch
+    want = resample(Rated()[2]["audio"], 1600, 800)
+    torch.testing.assert_close(batch["audio"][2, :, :80], want.expand(2, -1), rtol=0, atol=0)
+    assert batch["audio"][:, :, 80:].abs().max() == 0
+    assert torch.equal(batch["index"], torch.arange(4))
+
+
+def test_uncondition_from_the_model_config(tmp_path):
+    """The release keeps 'uncondition' in the model config: it turns CFG dropout on too."""
+    from pysonic.models.tangoflux import TangoFluxConfig, TangoFluxModel
+    from tests.train.tangoflux_toy import MODEL_CONFIG
+
+    model = TangoFluxModel(TangoFluxConfig(**MODEL_CONFIG, uncondition=True))
+    tr = FlowMatchingTrainer(model, _cfg(tmp_path, 1, uncondition_prob=1.0), LatentData(), text_encoder=tiny_text_encoder())
+    _, logs = tr.compute_loss(tr.model, _batch(tr))
+    assert tr.uncondition and logs["dropped"] == 1.0
+    tr = FlowMatchingTrainer(tiny_model(), _cfg(tmp_path / "b", 1, uncondition_prob=1.0), LatentData(),
+                             text_encoder=tiny_text_encoder())
+    _, logs = tr.compute_loss(tr.model, _batch(tr))
+    assert not tr.uncondition and logs["dropped"] == 0.0
