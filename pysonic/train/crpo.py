@@ -367,6 +367,9 @@ def run_crpo(model: nn.Module, config: CRPOConfig, prompts: Sequence[Mapping[str
     out = Path(config.out_dir)
     if config.init_from:
         load_model_weights(model, config.init_from)
+    model.to(dist.device)  # rank 0 generates with these before the first trainer moves them
+    vae.to(dist.device)
+    text_encoder.to(dist.device)
     if generate_fn is None:
         generate_fn = pipeline_generate_fn(model, vae, text_encoder, steps=config.gen_steps,
                                            guidance_scale=config.guidance_scale)

@@ -96,12 +96,12 @@ class FlowMatchingConfig(TrainConfig):
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
 
-def example_generators(seed: int, step: int, indices: Sequence[int] | torch.Tensor, *, salt: int = 0) -> list[torch.Generator]:
-    """One CPU generator per example, seeded by ``(seed, step, index, salt)``."""
+def example_generators(seed: int, step: int, indices: Sequence[int] | torch.Tensor) -> list[torch.Generator]:
+    """One CPU generator per example, seeded by ``(seed, step, index)``."""
     out = []
     for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices):
         g = torch.Generator()
-        g.manual_seed((seed * _MIX[0] + step * _MIX[1] + int(i) * _MIX[2] + salt) % (2**63 - 1))
+        g.manual_seed((seed * _MIX[0] + step * _MIX[1] + int(i) * _MIX[2]) % (2**63 - 1))
         out.append(g)
     return out
 
@@ -120,20 +120,11 @@ def sample_sigmas(generators: Sequence[torch.Generator], *, logit_mean: float = 
 
 
 def freeze_for_training(model: nn.Module, *, train_duration_embedder: bool = False) -> None:
-    """Set ``requires_grad`` as the released optimizer does: transformer and ``fc`` trained,
-    the duration embedder frozen unless asked."""
+    """Set ``requires_grad`` as the released optimizer does: the transformer and the text
+    projection trained, the duration embedder frozen unless asked."""
     model.requires_grad_(True)
-    embedder = _duration_embedder(model)
-    if embedder is not None and not train_duration_embedder:
-        embedder.requires_grad_(False)
-
-
-def _duration_embedder(model: nn.Module) -> nn.Module | None:
-    for name in ("duration_embedder", "duration_emebdder", "duration_embed"):
-        m = getattr(model, name, None)
-        if isinstance(m, nn.Module):
-            return m
-    return None
+    if not train_duration_embedder:
+        model.duration_embed.requires_grad_(False)
 
 
 def collate_examples(items: list[Mapping[str, Any]], *, sample_rate: int, channels: int, max_duration: float,
