@@ -1,1 +1,1 @@
-"""Datasets and audio data: manifests (``pysonic.data.manifest``)."""
+"""Datasets: the procedural SonicSynth generator (``pysonic.data.synth``) and manifests of audio files."""
