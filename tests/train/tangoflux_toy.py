@@ -9,7 +9,6 @@ import torch
 
 from pysonic.codecs.oobleck import OobleckConfig, OobleckVAE
 from pysonic.models.tangoflux import TangoFluxConfig, TangoFluxModel
-from pysonic.text.base import TextEncoder
 from pysonic.text.word_encoder import WordEncoderConfig, WordTextEncoder, build_vocab
 
 CAPTIONS = ["a low hum", "a high beep", "loud noise", "quiet clicks"]
@@ -34,26 +33,9 @@ def tiny_vae(seed: int = 1) -> OobleckVAE:
     return OobleckVAE(OobleckConfig(**VAE_CONFIG))
 
 
-class TinyTextEncoder(TextEncoder):
-    """A tiny WordTextEncoder behind :class:`pysonic.text.TextEncoder` (the pipeline's interface)."""
-
-    def __init__(self, seed: int = 2) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.inner = WordTextEncoder(WordEncoderConfig(vocab=build_vocab(CAPTIONS), dim=32, layers=1, heads=2))
-        self.dim = 32
-
-    def _encode(self, prompts, length):
-        states, mask = self.inner.encode(prompts)
-        if length is not None:  # pad (zeros, masked) or truncate to exactly `length` tokens
-            pad = length - states.shape[1]
-            states = torch.nn.functional.pad(states, (0, 0, 0, max(pad, 0)))[:, :length]
-            mask = torch.nn.functional.pad(mask, (0, max(pad, 0)))[:, :length]
-        return states, mask
-
-
-def tiny_text_encoder(seed: int = 2) -> TinyTextEncoder:
-    return TinyTextEncoder(seed)
+def tiny_text_encoder(seed: int = 2) -> WordTextEncoder:
+    torch.manual_seed(seed)
+    return WordTextEncoder(WordEncoderConfig(vocab=build_vocab(CAPTIONS), dim=32, layers=1, heads=2))
 
 
 def pattern(k: int, frames: int = LATENT_FRAMES) -> torch.Tensor:
