@@ -17,6 +17,10 @@ train_dpo.py and model.py ``forward(..., sft=False)``):
    with ``beta = 2000``;
 
 then the next round starts from the trained weights (its reference is the new starting point).
+As in the release, the reference is a frozen copy of the *transformer*: it is fed the conditioning
+(pooled text projection, text + duration token) computed by the trained model.
+
+Several processes: generation and scoring run on rank 0 (the others wait), DPO runs on all.
 
 Differences from the release, on purpose: the clips are generated at the round's duration and
 kept at that length (the release generates 645 frames and keeps 220, 10.2 s), and the pair
