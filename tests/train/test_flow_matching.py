@@ -150,7 +150,8 @@ def test_ddp_two_processes_match_one(tmp_path):
     script_trainer(tmp_path / "one", 3, batch_size=4).fit()  # the same script's trainer, in this process
     a, b = load_file(tmp_path / "ddp" / "final.safetensors"), load_file(tmp_path / "one" / "final.safetensors")
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)  # all-reduce summation order only
+        # all-reduce summation order only (measured: 5e-6 max); a missing sync differs by ~lr = 2e-3
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
     assert any(not torch.equal(a[k], tiny_model().state_dict()[k]) for k in a)  # it did train
 
 
