@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import json
 import math
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch.utils.data import Dataset
+
+from pysonic.audio import resample
 
 __all__ = [
     "ManifestError",
@@ -37,7 +38,6 @@ __all__ = [
     "load_clip",
     "fit_channels",
     "fit_length",
-    "resample",
     "AudioCaptionDataset",
     "PairDataset",
 ]
@@ -163,45 +163,6 @@ def write_pair_manifest(path: str | Path, pairs: Iterable[Mapping]) -> Path:
 
 
 # ---------------------------------------------------------------------------- audio
-
-
-@lru_cache(maxsize=16)
-def _sinc_kernel(orig: int, new: int, zeros: int, dtype: torch.dtype) -> torch.Tensor:
-    """Polyphase windowed-sinc filter bank [new, 2 * width + orig]: row j interpolates output
-    sample ``j`` (of each block of ``new``) from input samples around ``j * orig / new``."""
-    cutoff = min(orig, new) * 0.99  # a little under Nyquist of the lower rate
-    width = math.ceil(zeros * orig / cutoff)
-    idx = torch.arange(-width, width + orig, dtype=torch.float64)[None, :]
-    t = (-torch.arange(new, dtype=torch.float64)[:, None] / new + idx / orig)  # in input-sample units / orig
-    t = (t * cutoff).clamp(-zeros, zeros)
-    window = torch.cos(t * math.pi / zeros / 2) ** 2  # Hann
-    t = t * math.pi
-    kernel = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / t) * window * (cutoff / orig)
-    return kernel.to(dtype)
-
-
-def resample(wav: torch.Tensor, orig_sr: int, new_sr: int, *, zeros: int = 24) -> torch.Tensor:
-    """Band-limited resampling of ``wav [..., N]`` -> ``[..., ceil(N * new / orig)]``.
-
-    Windowed sinc (Hann, ``zeros`` zero crossings each side), computed per block of the rates
-    reduced by their gcd.
-    """
-    if orig_sr <= 0 or new_sr <= 0:
-        raise ValueError(f"resample: sample rates must be positive, got {orig_sr} -> {new_sr}")
-    if orig_sr == new_sr:
-        return wav
-    g = math.gcd(int(orig_sr), int(new_sr))
-    orig, new = int(orig_sr) // g, int(new_sr) // g
-    shape = wav.shape
-    x = wav.reshape(-1, 1, shape[-1])
-    dtype = x.dtype if x.is_floating_point() else torch.float32
-    kernel = _sinc_kernel(orig, new, zeros, dtype).to(x.device)
-    width = (kernel.shape[1] - orig) // 2
-    x = torch.nn.functional.pad(x.to(dtype), (width, width + orig))
-    y = torch.nn.functional.conv1d(x, kernel[:, None, :], stride=orig)  # [M, new, blocks]
-    y = y.transpose(1, 2).reshape(x.shape[0], -1)
-    n_out = math.ceil(shape[-1] * new / orig)
-    return y[:, :n_out].reshape(*shape[:-1], n_out)
 
 
 def fit_channels(wav: torch.Tensor, channels: int) -> torch.Tensor:

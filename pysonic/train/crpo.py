@@ -39,11 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pysonic.data.manifest import (
-    PairDataset,
-    resample,
-    write_pair_manifest,
-)
+from pysonic.audio import resample
+from pysonic.data.manifest import PairDataset, write_pair_manifest
 from pysonic.train import init_distributed
 from pysonic.train.flow_matching import (
     FlowMatchingConfig,

@@ -37,7 +37,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from pysonic.data.manifest import fit_channels, fit_length, resample
+from pysonic.audio import resample
+from pysonic.data.manifest import fit_channels, fit_length
 from pysonic.train import TrainConfig, Trainer
 
 __all__ = [

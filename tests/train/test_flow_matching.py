@@ -189,7 +189,7 @@ def test_bf16_autocast_and_bad_config(tmp_path):
 def test_items_at_another_rate_are_resampled(tmp_path):
     """A dataset with a ``sample_rate`` attribute (SonicSynth's convention) at 1.6 kHz: resampled to
     the VAE's 800 Hz, channels fitted, padded to max_audio_duration."""
-    from pysonic.data.manifest import resample
+    from pysonic.audio import resample
 
     class Rated(torch.utils.data.Dataset):
         sample_rate = 1600
