@@ -44,6 +44,7 @@ def _files(tmp_path):
     return {"model": dict(MODEL_CONFIG), "vae": str(vdir), "text_encoder": str(t5)}
 
 
+@pytest.mark.filterwarnings("ignore:At least one mel filter")  # the tiny CLAP feature extractor
 def test_three_stages(tmp_path, capsys):
     base = _files(tmp_path)
     common = dict(batch_size=2, lr=1e-3, log_every=1, ckpt_every=2, progress=False)
