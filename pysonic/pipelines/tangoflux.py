@@ -39,6 +39,24 @@ MIN_DURATION = 1.0  # seconds; shorter requests are refused (the release's usefu
 TEXT_PREFIX = "text_encoder."  # the release saves its T5 inside tangoflux.safetensors
 
 
+def _load_text_encoder(directory: Path) -> TextEncoder:
+    """pysonic's ``WordTextEncoder`` when ``config.json`` says ``"type": "word_text_encoder"``,
+    otherwise FLAN-T5 through ``transformers``."""
+    cfg_file = directory / "config.json"
+    if cfg_file.is_file():
+        try:
+            kind = json.loads(cfg_file.read_text()).get("type")
+        except (json.JSONDecodeError, AttributeError):
+            kind = None
+        if kind == "word_text_encoder":
+            from pysonic.text.word_encoder import WordTextEncoder
+
+            return WordTextEncoder.from_pretrained(directory)
+    from pysonic.text.t5 import T5TextEncoder
+
+    return T5TextEncoder(directory)
+
+
 @dataclass
 class AudioOutput:
     """``audios``: [B, channels, N] float32; ``sample_rate`` in Hz."""
@@ -144,6 +162,9 @@ class TangoFlux:
 
         if text_encoder is None:
             name = Path(str(raw_cfg.get("text_encoder_name", "")))
+            inside = path / name  # a model directory that carries its text encoder (the default model)
+            if str(name) not in ("", ".") and not name.is_absolute() and inside.is_dir():
+                name = inside
             if not name.is_dir():
                 raise ValueError(
                     "TangoFlux.from_pretrained: pass text_encoder= a local text-encoder directory (e.g. a copy of "
@@ -151,9 +172,7 @@ class TangoFlux:
                 )
             text_encoder = name
         if not isinstance(text_encoder, TextEncoder):
-            from pysonic.text.t5 import T5TextEncoder
-
-            text_encoder = T5TextEncoder(text_encoder)
+            text_encoder = _load_text_encoder(Path(text_encoder))
 
         state = read_state_dict(weights)
         model = TangoFluxModel(config)

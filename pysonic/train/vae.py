@@ -41,6 +41,11 @@ class VAETrainConfig(TrainConfig):
     stft_weight: float = 1.0
     mel_weight: float = 1.0
     kl_weight: float = 1e-4
+    # floors of the log spectra, in the losses' magnitude units: a floor near zero (the losses'
+    # defaults) makes an inaudible noise floor cost as much as a wrong pitch, and silent stretches
+    # (padding, SonicSynth's silence, gaps between clicks) then drive the decoder to output nothing
+    stft_eps: float = 0.1
+    mel_floor: float = 1e-2
     sample_posterior: bool = True  # decode mean + std * eps (False: the mean)
 
     def __post_init__(self) -> None:
@@ -49,7 +54,7 @@ class VAETrainConfig(TrainConfig):
             parent()
         if not self.crop_seconds > 0:
             raise ValueError(f"VAETrainConfig: crop_seconds must be > 0, got {self.crop_seconds}")
-        for name in ("l1_weight", "stft_weight", "mel_weight", "kl_weight"):
+        for name in ("l1_weight", "stft_weight", "mel_weight", "kl_weight", "stft_eps", "mel_floor"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v >= 0):
                 raise ValueError(f"VAETrainConfig: {name} must be a number >= 0, got {v!r}")
@@ -168,10 +173,10 @@ class VAETrainer(Trainer):
         super().__init__(VAETrainModule(model), config, _Indexed(dataset), collate_fn=collate, optimizer=optimizer, dist=dist)
         # spectral losses sized to the crop (the largest FFT is at most the crop length)
         res = [(n, n // 4) for n in (256, 512, 1024, 2048) if n <= crop] or [(crop, max(1, crop // 4))]
-        self.stft_loss = MultiResolutionSTFTLoss(res).to(self.dist.device)
+        self.stft_loss = MultiResolutionSTFTLoss(res, eps=config.stft_eps).to(self.dist.device)
         top = max(6, min(11, crop.bit_length() - 1))
         self.mel_loss = MultiScaleMelLoss(model.sampling_rate, range_start=5, range_end=top,
-                                          n_mels=64).to(self.dist.device)
+                                          n_mels=64, floor=config.mel_floor).to(self.dist.device)
 
     def final_weights(self) -> dict[str, torch.Tensor]:
         """The VAE's own keys (no wrapper prefix)."""

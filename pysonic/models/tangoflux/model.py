@@ -51,6 +51,8 @@ class TangoFluxConfig:
     uncondition: bool = False  # training only: drop 10% of the text (CFG training)
     text_encoder_name: str = "google/flan-t5-large"  # which text encoder the weights expect
     duration_features: int = 256  # DurationEmbedder internal_dim (release default)
+    axes_dims_rope: tuple[int, ...] | None = None  # rotary dims per position axis (sum <= head dim);
+    # None: the transformer's default (16, 56, 56), which needs attention_head_dim >= 128
 
     @property
     def text_dim(self) -> int:
@@ -66,6 +68,7 @@ class TangoFluxConfig:
             joint_attention_dim=self.joint_attention_dim,
             pooled_projection_dim=self.text_dim,
             guidance_embeds=False,
+            **({} if self.axes_dims_rope is None else {"axes_dims_rope": tuple(self.axes_dims_rope)}),
         )
 
     @classmethod
@@ -87,6 +90,12 @@ class TangoFluxConfig:
                 v = kw[k]
                 if isinstance(v, bool) or not isinstance(v, int) or v < (0 if "layers" in k else 1):
                     raise ValueError(f"TangoFluxConfig: {k} must be a positive integer, got {v!r}")
+        if kw.get("axes_dims_rope") is not None:
+            v = kw["axes_dims_rope"]
+            if (not isinstance(v, (list, tuple)) or not v
+                    or not all(isinstance(a, int) and not isinstance(a, bool) and a > 0 and a % 2 == 0 for a in v)):
+                raise ValueError(f"TangoFluxConfig: axes_dims_rope must be a non-empty list of positive even ints, got {v!r}")
+            kw["axes_dims_rope"] = tuple(v)
         if "max_duration" in kw:
             v = kw["max_duration"]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
