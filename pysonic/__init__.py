@@ -7,6 +7,7 @@ from pysonic._ext import build_info
 from pysonic import ops
 from pysonic.audio import load_audio, save_audio
 from pysonic.pipelines import TangoFlux
+from pysonic.generation import Generated, generate
 
 __version__ = "0.1.0"
-__all__ = ["ops", "build_info", "__version__", "TangoFlux", "load_audio", "save_audio"]
+__all__ = ["ops", "build_info", "__version__", "TangoFlux", "load_audio", "save_audio", "generate", "Generated"]

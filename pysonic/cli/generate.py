@@ -3,9 +3,11 @@
     pysonic generate "a dog barks in the rain" -o out.wav --duration 10 --steps 25 \\
         --guidance 4.5 --seed 0 --checkpoint DIR --text-encoder DIR
 
-``--checkpoint`` is a local TangoFlux release directory (config.json, tangoflux.safetensors,
-vae.safetensors); ``--text-encoder`` a local FLAN-T5 directory (default: the release config's
-``text_encoder_name`` when that is a local directory). Nothing is downloaded. Several prompts or
+Without ``--checkpoint`` the model shipped in the package is used (pysonic/assets/default: a small
+TangoFlux-architecture model trained on SonicSynth, 16 kHz mono, up to about 5 s). ``--checkpoint``
+is a local model directory: a TangoFlux release directory (config.json, tangoflux.safetensors,
+vae.safetensors) or one written by ``pysonic train default``; ``--text-encoder`` a local FLAN-T5
+directory (default: the config's ``text_encoder_name`` when that is a local directory). Nothing is downloaded. Several prompts or
 ``--num-samples`` > 1 write ``out_0.wav``, ``out_1.wav``, ... (prompt-major order).
 """
 from __future__ import annotations
@@ -24,13 +26,14 @@ def add_parser(subparsers) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="text prompt(s)")
     p.add_argument("-o", "--output", required=True, help="output audio file (.wav, .flac, ...)")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds, 1 to 30 (default 10)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds, 1 to the model's max_duration (default: 5 with the shipped model, else 10)")
     p.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
     p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
     p.add_argument("--seed", type=int, default=None, help="seed of the initial noise (default: random)")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default 1)")
     p.add_argument("--scheduler", choices=["euler", "heun"], default="euler", help="flow sampler (default euler)")
-    p.add_argument("--checkpoint", default=None, help="TangoFlux release directory")
+    p.add_argument("--checkpoint", default=None, help="model directory (default: the shipped default model)")
     p.add_argument("--text-encoder", default=None, help="local FLAN-T5 directory")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model and VAE dtype (default fp32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -41,9 +44,14 @@ def add_parser(subparsers) -> None:
 
 
 def resolve_checkpoint(arg: str | None) -> Path:
-    """The checkpoint directory to load (a shipped default model would be resolved here)."""
+    """The checkpoint directory to load: ``arg``, or the shipped default model."""
     if arg is None:
-        raise CLIError("--checkpoint DIR is required (a local TangoFlux release directory)")
+        from pysonic.generation import default_model_dir
+
+        path = default_model_dir()
+        if not (path / "config.json").is_file():
+            raise CLIError(f"the shipped default model is missing from {path}; pass --checkpoint DIR")
+        return path
     return Path(arg)
 
 
@@ -58,20 +66,23 @@ def run(args) -> int:
     import torch
 
     from pysonic.audio import save_audio
-    from pysonic.pipelines import TangoFlux
+    from pysonic.generation import load_pipeline
 
+    if args.checkpoint is None and args.text_encoder is not None:
+        raise CLIError("--text-encoder needs --checkpoint DIR (the shipped default model carries its own text encoder)")
     checkpoint = resolve_checkpoint(args.checkpoint)
+    duration = args.duration if args.duration is not None else (5.0 if args.checkpoint is None else 10.0)
     out_dir = Path(args.output).parent
     if not out_dir.is_dir():
         raise CLIError(f"output directory does not exist: {out_dir}")
     t0 = time.perf_counter()
-    pipe = TangoFlux.from_pretrained(checkpoint, text_encoder=args.text_encoder,
-                                     dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
+    pipe = load_pipeline(checkpoint, text_encoder=args.text_encoder, dtype=getattr(torch, DTYPES[args.dtype]),
+                         device=args.device)
     generator = None
     if args.seed is not None:
         generator = torch.Generator().manual_seed(args.seed)
     t1 = time.perf_counter()
-    audio = pipe.generate(args.prompts, duration=args.duration, steps=args.steps, guidance_scale=args.guidance,
+    audio = pipe.generate(args.prompts, duration=duration, steps=args.steps, guidance_scale=args.guidance,
                           num_samples_per_prompt=args.num_samples, generator=generator, scheduler=args.scheduler,
                           progress=not args.no_progress)
     t2 = time.perf_counter()
@@ -80,5 +91,6 @@ def run(args) -> int:
         save_audio(path, item, pipe.sample_rate, normalize=normalize)
         print(path)
     seconds = audio.shape[-1] / pipe.sample_rate
-    print(f"generated {audio.shape[0]} x {seconds:.2f} s in {t2 - t1:.1f} s (load {t1 - t0:.1f} s)")
+    print(f"generated {audio.shape[0]} x {seconds:.2f} s at {pipe.sample_rate} Hz, {audio.shape[1]} channel"
+          f"{'s' if audio.shape[1] != 1 else ''} in {t2 - t1:.1f} s (load {t1 - t0:.1f} s)")
     return 0

@@ -198,8 +198,9 @@ class VAETrainer(Trainer):
             # spectral convergence divides by the target's norm: silent items (SonicSynth's
             # "silence") are left to the L1 and mel terms
             keep = x32.pow(2).mean(dim=(1, 2)) > 1e-8
-            stft = self.stft_loss(y32[keep], x32[keep]) if bool(keep.any()) else y32.new_zeros(())
-            mel = self.mel_loss(y32, x32)
+            zero = y32.new_zeros(())
+            stft = self.stft_loss(y32[keep], x32[keep]) if cfg.stft_weight and bool(keep.any()) else zero
+            mel = self.mel_loss(y32, x32) if cfg.mel_weight else zero  # terms weighted 0 are not computed
             kl = kl_to_standard_normal(mean, std)
             loss = cfg.l1_weight * l1 + cfg.stft_weight * stft + cfg.mel_weight * mel + cfg.kl_weight * kl
         return loss, {"l1": float(l1.detach()), "stft": float(stft.detach()), "mel": float(mel.detach()),
