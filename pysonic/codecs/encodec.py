@@ -438,10 +438,11 @@ def encode_file(path_in: str | Path, path_out: str | Path, *, checkpoint: str | 
 
 
 def decode_file(path_in: str | Path, path_out: str | Path, *, checkpoint: str | Path | None = None,
-                chunk_frames: int | None = None) -> dict:
+                chunk_frames: int | None = None, subtype: str | None = None) -> dict:
     """Decode an ``.npz`` written by :func:`encode_file` to an audio file (``soundfile``:
     format from the extension), trimmed to the original length. ``checkpoint`` defaults to the
-    one recorded in the npz."""
+    one recorded in the npz. ``subtype``: soundfile's sample format (default: the format's own,
+    16-bit PCM for WAV, which clips at full scale; "FLOAT" keeps the decoder's output exactly)."""
     import numpy as np
     import soundfile as sf
 
@@ -461,5 +462,8 @@ def decode_file(path_in: str | Path, path_out: str | Path, *, checkpoint: str | 
         else:
             wav = model.decode(codes, scales)
     wav = wav[0, :, :n].float()
-    sf.write(str(path_out), wav.T.numpy(), model.sample_rate)
+    try:
+        sf.write(str(path_out), wav.T.numpy(), model.sample_rate, subtype=subtype)
+    except (TypeError, ValueError, sf.LibsndfileError) as exc:
+        raise ValueError(f"decode_file: cannot write {path_out}: {exc}") from exc
     return {"sample_rate": model.sample_rate, "channels": model.channels, "num_samples": wav.shape[-1]}
