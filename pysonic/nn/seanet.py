@@ -136,16 +136,40 @@ class SConv1d(_NormConvBase):
     def padding_total(self) -> int:
         return (self.kernel_size - 1) * self.dilation - (self.stride - 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[B, C_in, N]``, or ``[B, C_in, 1, N]`` channels-last (see :func:`to_2d`)."""
+    def _pads(self, length: int) -> tuple[int, int]:
+        """(left, right) padding for an input of ``length`` samples."""
         eff_kernel = (self.kernel_size - 1) * self.dilation + 1
         total = self.padding_total
-        extra = extra_padding(x.shape[-1], eff_kernel, self.stride, total)
+        extra = extra_padding(length, eff_kernel, self.stride, total)
         if self.causal:
-            x = pad1d(x, total, extra, self.pad_mode)
-        else:
-            right = total // 2
-            x = pad1d(x, total - right, right + extra, self.pad_mode)
+            return total, extra
+        right = total // 2
+        return total - right, right + extra
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[B, C_in, N]``, or ``[B, C_in, 1, N]`` channels-last (see :func:`to_2d`)."""
+        x = pad1d(x, *self._pads(x.shape[-1]), self.pad_mode)
+        return self._conv(x)
+
+    def forward_elu(self, x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """``forward(elu(x))``. Inference on ``[B, C, 1, N]`` channels-last input with reflect
+        padding writes the activation straight into the padded buffer (one pass over the
+        activations instead of two), then mirrors the few edge samples."""
+        left, right = self._pads(x.shape[-1])
+        n = x.shape[-1]
+        if (torch.is_grad_enabled() or x.dim() != 4 or self.pad_mode != "reflect" or n <= max(left, right)
+                or (left == 0 and right == 0)):
+            return self(F.elu(x, alpha))
+        buf = torch.empty((x.shape[0], x.shape[1], 1, left + n + right), dtype=x.dtype, device=x.device,
+                          memory_format=CL)
+        torch._C._nn.elu(x, alpha, out=buf[..., left : left + n])
+        if left:  # buf[left - i] = buf[left + i] for i = 1..left (reflection without the edge sample)
+            buf[..., :left] = buf[..., left + 1 : 2 * left + 1].flip(-1)
+        if right:  # buf[left + n - 1 + i] = buf[left + n - 1 - i] for i = 1..right
+            buf[..., left + n :] = buf[..., left + n - 1 - right : left + n - 1].flip(-1)
+        return self._conv(buf)
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
         w = self._weight_for(x)
         if x.dim() == 3:
             y = F.conv1d(x, w, self.bias, self.stride, 0, self.dilation)
@@ -253,10 +277,41 @@ class SEANetResBlock(nn.Module):
         self.shortcut = nn.Identity() if true_skip else SConv1d(dim, dim, 1, **conv_kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x
-        for layer in self.block:
-            y = layer(y)
-        return self.shortcut(x) + y
+        if torch.is_grad_enabled():
+            y = x
+            for layer in self.block:
+                y = layer(y)
+            return self.shortcut(x) + y
+        # inference: fused ELU + padding, in-place ELU and residual add (no autograd to feed)
+        y = self.block[1].forward_elu(x, self.block[0].alpha)
+        y = self.block[3](F.elu_(y, self.block[2].alpha))
+        return y.add_(self.shortcut(x))
+
+
+def _run_layers(layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """Apply ``layers`` in order; without autograd, an ELU followed by a conv runs fused
+    (:meth:`SConv1d.forward_elu`) and an ELU before a transposed conv runs in place."""
+    if torch.is_grad_enabled():
+        for layer in layers:
+            x = layer(x)
+        return x
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        nxt = layers[i + 1] if i + 1 < len(layers) else None
+        if isinstance(layer, nn.ELU) and isinstance(nxt, SConv1d):
+            x = nxt.forward_elu(x, layer.alpha)
+            i += 2
+            continue
+        if isinstance(layer, nn.ELU) and i > 0:  # x is an intermediate we own
+            x = F.elu_(x, layer.alpha)
+        else:
+            x = layer(x)
+        if i == 0 and x.dim() == 4 and not x.is_contiguous(memory_format=CL):
+            # a 1-channel input leaves the first conv's layout ambiguous: PyTorch picks NCHW
+            x = x.contiguous(memory_format=CL)
+        i += 1
+    return x
 
 
 def _conv_kw(causal: bool, norm: str, pad_mode: str) -> dict:
@@ -300,10 +355,7 @@ class SEANetEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [B, channels, N]`` -> ``[B, dimension, ceil(N / hop)]``."""
-        x = to_2d(x)
-        for layer in self.layers:
-            x = layer(x)
-        return to_1d(x)
+        return to_1d(_run_layers(self.layers, to_2d(x)))
 
 
 class SEANetDecoder(nn.Module):
@@ -339,10 +391,7 @@ class SEANetDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """``z: [B, dimension, T]`` -> ``[B, channels, T * hop]``."""
-        z = to_2d(z)
-        for layer in self.layers:
-            z = layer(z)
-        return to_1d(z)
+        return to_1d(_run_layers(self.layers, to_2d(z)))
 
 
 # ---------------------------------------------------------------------------- streaming
