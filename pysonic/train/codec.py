@@ -302,3 +302,20 @@ def train(config: CodecTrainConfig) -> dict[str, float]:
         return CodecTrainer(config).fit()
     finally:
         shutdown_distributed()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pysonic.train.codec --config FILE [--set KEY=VALUE ...]`` (also under torchrun)."""
+    import argparse
+
+    from pysonic.cli.codec import add_train_arguments, parse_overrides
+
+    parser = argparse.ArgumentParser(prog="python -m pysonic.train.codec", description="Train EnCodec.")
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    train(load_config(args.config, **parse_overrides(args.overrides)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
