@@ -74,6 +74,7 @@ class CodecTrainConfig(TrainConfig):
     n_mels: int = 64
     codebook_decay: float = 0.99
     dead_code_threshold: float = 2.0  # 0: no dead-code replacement
+    codebook_data_init: bool = True  # codes start at random vectors of the first batch
     bandwidth_sampling: bool = True  # draw the number of codebooks per step from the bandwidths
 
     def __post_init__(self) -> None:
@@ -138,10 +139,12 @@ class CodecModule(nn.Module):
     """The trainable codec: ``forward(wav, n_q) -> (y, commit_loss, stats)``; ``.codec`` is the
     :class:`EncodecModel` (with the quantiser's EMA state enabled)."""
 
-    def __init__(self, config: EncodecConfig, *, codebook_decay: float = 0.99, dead_code_threshold: float = 2.0) -> None:
+    def __init__(self, config: EncodecConfig, *, codebook_decay: float = 0.99, dead_code_threshold: float = 2.0,
+                 data_init: bool = True) -> None:
         super().__init__()
         self.codec = EncodecModel(config)
-        self.codec.quantizer.enable_ema(decay=codebook_decay, dead_code_threshold=dead_code_threshold)
+        self.codec.quantizer.enable_ema(decay=codebook_decay, dead_code_threshold=dead_code_threshold,
+                                        data_init=data_init)
 
     def forward(self, wav: torch.Tensor, n_q: int | None = None):
         codec = self.codec
@@ -174,7 +177,8 @@ class CodecTrainer(Trainer):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)
                 model = CodecModule(codec_cfg, codebook_decay=config.codebook_decay,
-                                    dead_code_threshold=config.dead_code_threshold)
+                                    dead_code_threshold=config.dead_code_threshold,
+                                    data_init=config.codebook_data_init)
         if dataset is None:
             from pysonic.data.audio_folder import AudioFolder
 
