@@ -54,6 +54,13 @@ def _run_synth(args: argparse.Namespace) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text)
+    if args.spectrogram:
+        from pysonic.eval.spectrogram import save_prompt_spectrograms
+        from pysonic.eval.synthbench import make_prompts
+
+        firsts = [make_prompts(a, 1, splits[0], args.seed)[0] for a in attributes]
+        save_prompt_spectrograms(args.spectrogram, fn, [p.caption for p in firsts], [p.duration for p in firsts], args.seed)
+        print(f"spectrograms written to {args.spectrogram}")
     return 0
 
 
@@ -76,5 +83,6 @@ def add_parser(subparsers) -> None:
     s.add_argument("--sample-rate", type=int, default=16000, help="the oracle's sample rate (default 16000)")
     s.add_argument("--out", metavar="JSON", help="write the full report (per item measurements) here")
     s.add_argument("--markdown", metavar="MD", help="write the table here")
+    s.add_argument("--spectrogram", metavar="PNG", help="also draw the first prompt of each attribute here")
     s.add_argument("--progress", action="store_true", help="print progress per batch")
     s.set_defaults(func=_run_synth)

@@ -8,12 +8,13 @@ def test_bench_synth_oracle(tmp_path, capsys):
     out = tmp_path / "report.json"
     md = tmp_path / "report.md"
     rc = main(["bench", "synth", "--oracle", "--n", "2", "--attributes", "pitch,clicks", "--split", "heldout",
-               "--out", str(out), "--markdown", str(md)])
+               "--out", str(out), "--markdown", str(md), "--spectrogram", str(tmp_path / "s.png")])
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["generator"] == "oracle" and list(report["splits"]) == ["heldout"]
     assert report["splits"]["heldout"]["overall"]["correct"] == 1.0
     assert "| pitch |" in capsys.readouterr().out and "| clicks |" in md.read_text()
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_synth_checkpoint_errors(tmp_path, capsys):

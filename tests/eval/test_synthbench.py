@@ -162,3 +162,18 @@ def test_bench_survives_a_broken_generator():
         SynthBench(1)
     with pytest.raises(ValueError, match="splits"):
         SynthBench(2, splits=("test",))
+
+
+def test_spectrogram_png(tmp_path):
+    import struct
+
+    from pysonic.eval.spectrogram import save_prompt_spectrograms, spectrogram_db
+
+    path = save_prompt_spectrograms(tmp_path / "s.png", oracle_generator(SR), ["a sine tone at 440 Hz", "pink noise"],
+                                    [1.0, 0.5])
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 100 and height > 100
+    db = spectrogram_db(torch.zeros(SR), SR)  # silence: flat at the floor, no division by zero
+    assert np.isfinite(db).all() and db.max() == db.min()
