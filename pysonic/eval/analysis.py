@@ -7,7 +7,7 @@ None (no pitch, no tempo...) or -inf (level).
 What each measures (the constants are module-level and documented where defined):
 
 - :func:`estimate_pitch`: the strongest prominent spectral peak (15 dB above the local median
-  spectrum) between 40 Hz and 2.3 kHz of the median power spectrum over 0.25 s frames. For the
+  spectrum) between 40 Hz and 2.3 kHz of the median power spectrum over frames of >= 0.4 s. For the
   SonicSynth waveforms (sine, square, sawtooth, triangle) the fundamental is the strongest partial.
 - :func:`spectral_peaks`: all prominent peaks within 15 dB of the strongest (chords).
 - :func:`segment_pitches`: the median over frames of the strongest frequency (40 Hz - 2.3 kHz) in each
@@ -115,8 +115,10 @@ def _prominent_peaks(power: np.ndarray, sample_rate: int, nfft: int, fmin: float
     return out
 
 
-def _median_power(x: np.ndarray, sample_rate: int, seconds: float = 0.256) -> tuple[np.ndarray, int]:
-    frame = _pow2(seconds, sample_rate)
+def _median_power(x: np.ndarray, sample_rate: int, seconds: float = 0.4) -> tuple[np.ndarray, int]:
+    # frames of >= 0.4 s (8192 samples at 16 kHz): main lobes of +-4 Hz or narrower, so the notes of a
+    # low chord (A2 minor: 110, 131, 165 Hz) stay apart from each other and from the +-25 Hz median floor
+    frame = 1 << max(6, int(math.ceil(math.log2(seconds * sample_rate))))
     nfft = 4 * frame
     p = _frames_power(x, frame, frame // 4, nfft)
     return np.median(p, axis=0), nfft
