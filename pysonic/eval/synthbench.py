@@ -17,8 +17,10 @@ noise      noise colour (white/pink/brown) from the spectral slope; held-out: a 
 sweep      a rising/falling sweep: the frame-wise peak frequency covers >= 1 octave that way
 clicks     clicks or beeps: the event rate within 4% of the asked rate per second
 loudness   quiet/moderate/loud from the active level (boundaries -32 and -20 dBFS)
-duration   a continuous sound (tone, chord, noise, sweep): it sounds until the requested end,
-           |extent - duration| <= max(0.1 s, 5%), measured on the generator's output before any crop
+duration   a continuous sound (tone, chord, noise, sweep) lasts the requested time: the output is
+           that long and sounds until the requested end (|extent - duration| <= max(0.1 s, 5%),
+           on the output before any crop), and its last quarter (>= 0.25 s) still passes the
+           kind's check (pitch, chord, noise colour, or >= 0.25 octave of sweep the asked way)
 mixture    "X over Y": every layer's own check (pitch or click rate, and noise colour or tempo)
 =========  ==================================================================================
 
@@ -57,6 +59,8 @@ PITCH_TOL_CENTS = 50.0
 RATE_TOL = 0.04            # tempo and click rate: relative
 SWEEP_MIN_OCTAVES = 1.0
 DURATION_TOL = (0.1, 0.05)  # max(0.1 s, 5% of the duration)
+TAIL_MIN_S = 0.25          # duration: the tail checked for the asked sound, at least this long
+TAIL_SWEEP_OCTAVES = 0.25  # a sweep's last quarter covers >= 0.5 octave (sweeps span >= 2 octaves)
 
 Generator = Callable[[list, list, int], tuple]
 
@@ -137,7 +141,19 @@ def measure(audio, sample_rate: int, duration: float) -> dict:
         "octaves": A.sweep_octaves(x, sample_rate),
         "level_db": level if math.isfinite(level) else None, "class": A.loudness_class(x, sample_rate),
         "extent": A.sound_extent(full, sample_rate), "length": full.size / sample_rate,
+        "tail": _measure_tail(x, sample_rate),
     }
+
+
+def _measure_tail(x, sample_rate: int) -> dict:
+    """The last quarter (at least 0.25 s) of the requested duration: is the asked sound still there?"""
+    n = min(x.size, max(int(0.25 * x.size), int(round(TAIL_MIN_S * sample_rate))))
+    tail = x[x.size - n :]
+    peaks = A.spectral_peaks(tail, sample_rate, rel_db=math.inf)
+    top = max((h for _, h in peaks), default=None)
+    return {"f0": max(peaks, key=lambda p: p[1])[0] if peaks else None,
+            "peaks": [f for f, h in peaks if h >= top - A.CHORD_PEAK_DB],
+            "color": A.noise_color(tail, sample_rate), "octaves": A.sweep_octaves(tail, sample_rate)}
 
 
 def _rel_ok(value: float | None, target: float) -> bool:
@@ -181,6 +197,20 @@ def _layer_ok(m: dict, s: Sound) -> bool:
     raise ValueError(f"SynthBench: no mixture check for a {s.kind} layer")
 
 
+def _tail_ok(t: dict, s: Sound) -> bool:
+    """The asked sound in the last quarter of the requested duration (duration prompts are continuous)."""
+    if s.kind == "tone":
+        return A.cents(t["f0"], s.freq) <= PITCH_TOL_CENTS
+    if s.kind == "chord":
+        return _chord_ok(t["peaks"], s)
+    if s.kind == "noise":
+        return t["color"] == s.color
+    if s.kind == "sweep":
+        o = t["octaves"]
+        return o is not None and (o >= TAIL_SWEEP_OCTAVES if s.direction == "rising" else o <= -TAIL_SWEEP_OCTAVES)
+    return True
+
+
 def judge(attribute: str, m: dict, spec: SynthSpec) -> bool:
     """Whether measurement m (from :func:`measure`) satisfies the prompt spec for this attribute."""
     s = spec.layers[0]
@@ -203,7 +233,8 @@ def judge(attribute: str, m: dict, spec: SynthSpec) -> bool:
         return m["class"] == spec.loudness
     if attribute == "duration":
         d = spec.duration
-        return m["length"] >= d - DURATION_TOL[0] and abs(m["extent"] - d) <= max(DURATION_TOL[0], DURATION_TOL[1] * d)
+        lasts = m["length"] >= d - DURATION_TOL[0] and abs(m["extent"] - d) <= max(DURATION_TOL[0], DURATION_TOL[1] * d)
+        return lasts and _tail_ok(m["tail"], s)
     if attribute == "mixture":
         return all(_layer_ok(m, layer) for layer in spec.layers)
     raise ValueError(f"SynthBench: unknown attribute {attribute!r}")
@@ -312,6 +343,8 @@ def _jsonable(m):
     for k, v in m.items():
         if isinstance(v, float):
             out[k] = round(v, 4) if math.isfinite(v) else None
+        elif isinstance(v, dict):
+            out[k] = _jsonable(v)
         elif isinstance(v, list):
             out[k] = [None if x is None else round(float(x), 3) for x in v]
         else:

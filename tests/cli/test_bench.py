@@ -24,6 +24,10 @@ def test_bench_synth_checkpoint_errors(tmp_path, capsys):
     assert "not available yet" in capsys.readouterr().err
     assert main(["bench", "synth", "--checkpoint", str(tmp_path), "--generator", "json:nothing_here"]) == 2
     assert "--generator" in capsys.readouterr().err
+    # a TangoFlux-layout directory goes to the pipeline loader, whose errors name the missing file
+    (tmp_path / "tangoflux.safetensors").write_bytes(b"")
+    assert main(["bench", "synth", "--checkpoint", str(tmp_path)]) == 2
+    assert "config.json not found" in capsys.readouterr().err
 
 
 def test_bench_synth_generator_factory(tmp_path, capsys, monkeypatch):
@@ -40,3 +44,26 @@ def test_bench_synth_generator_factory(tmp_path, capsys, monkeypatch):
                "--attributes", "loudness", "--split", "train"])
     assert rc == 0 and seen == [str(tmp_path)]
     assert "| loudness | 100% |" in capsys.readouterr().out
+
+
+def test_pipeline_generator_groups_durations():
+    import torch
+
+    from pysonic.eval.generators import pipeline_generator
+
+    calls = []
+
+    class FakePipe:
+        sample_rate = 100
+
+        def generate(self, prompts, *, duration, steps, guidance_scale, generator, progress):
+            calls.append((list(prompts), duration, steps, guidance_scale, progress))
+            noise = torch.randn(len(prompts), 1, int(duration * 100), generator=generator)
+            return noise
+
+    fn = pipeline_generator(FakePipe(), steps=3, guidance_scale=2.0)
+    out, sr = fn(["a", "b", "c"], [1.0, 2.0, 1.0], 5)
+    assert sr == 100 and [x.shape[-1] for x in out] == [100, 200, 100]
+    assert calls[0][:2] == (["a", "c"], 1.0) and calls[1][:2] == (["b"], 2.0) and calls[0][2:] == (3, 2.0, False)
+    again, _ = fn(["a", "b", "c"], [1.0, 2.0, 1.0], 5)
+    assert all(torch.equal(x, y) for x, y in zip(out, again))  # seeded

@@ -109,6 +109,14 @@ def test_noise_sweep_loudness_duration_checks():
     assert judge("duration", measure(padded, SR, 2.0), _spec(Sound("tone", freq=440.0), duration=2.0))
     # a generator output shorter than asked fails too
     assert not judge("duration", measure(x, SR, 3.0), _spec(Sound("tone", freq=440.0), duration=3.0))
+    # the asked sound must still be there at the end: noise of the right length fails a tone prompt,
+    # and a tone that turns into another pitch for its last second fails too
+    noise = render_item(_spec(Sound("noise", color="white"), duration=2.0), sample_rate=SR)
+    assert not judge("duration", measure(noise, SR, 2.0), _spec(Sound("tone", freq=440.0), duration=2.0))
+    assert judge("duration", measure(noise, SR, 2.0), _spec(Sound("noise", color="white"), duration=2.0))
+    other = render_item(_spec(Sound("tone", freq=660.0, waveform="sine"), duration=1.0), sample_rate=SR)
+    switched = torch.cat([x[:, : SR], other], dim=1)
+    assert not judge("duration", measure(switched, SR, 2.0), _spec(Sound("tone", freq=440.0), duration=2.0))
 
 
 def test_mixture_needs_every_layer():
