@@ -88,20 +88,10 @@ def _decode(args) -> int:
 
 
 # ---------------------------------------------------------------------------- pysonic train codec
-def add_codec_subcommand(subparsers) -> None:
-    """Add ``codec`` to the sub-commands of ``pysonic train`` (``subparsers`` is that command's
-    ``add_subparsers()`` object): ``pysonic train codec --config FILE [--set KEY=VALUE ...]``.
-    Launch several processes with ``torchrun --nproc_per_node=N -m pysonic train codec ...``."""
-    parser = subparsers.add_parser(
-        "codec", help="train an EnCodec model on a folder of audio",
-        description="Train EnCodec (pysonic.train.codec). The config file (JSON or TOML) holds "
-                    "CodecTrainConfig fields; --set overrides one (the value is read as JSON, else as a string).")
-    add_train_arguments(parser)
-    parser.set_defaults(func=_train)
-
-
+# `pysonic train codec` is pysonic.train.codec:main (registered in pysonic/cli/train.py); its
+# arguments are defined here so that both entry points parse the same way.
 def add_train_arguments(parser) -> None:
-    parser.add_argument("--config", type=Path, required=True, help="training config (.json or .toml)")
+    parser.add_argument("--config", type=Path, required=True, help="training config (.yaml, .json or .toml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set steps=1000 --set out_dir=runs/x")
 
@@ -119,11 +109,3 @@ def parse_overrides(items: list[str]) -> dict:
         except ValueError:
             out[key] = value
     return out
-
-
-def _train(args) -> int:
-    from pysonic.train.codec import load_config, train
-
-    _need_file(args.config, "config")
-    train(load_config(args.config, **parse_overrides(args.overrides)))
-    return 0

@@ -19,10 +19,9 @@ discriminator and its optimizer and the balancer's averages, so resume is exact.
 ``<out_dir>/encodec/`` holds the trained model in the ``transformers`` layout:
 ``EncodecModel.from_pretrained(out_dir / "encodec")`` and ``pysonic codec`` read it.
 
-Config file (JSON or TOML): every :class:`CodecTrainConfig` field, e.g.::
-
-    {"out_dir": "runs/codec", "steps": 100000, "data_dir": "audio/", "batch_size": 8,
-     "lr": 3e-4, "betas": [0.5, 0.9], "model": "encodec_24khz", "segment_seconds": 1.0}
+Config file (YAML, JSON or TOML): every :class:`CodecTrainConfig` field, flat; see
+``configs/codec/encodec_24khz.yaml``. Run: ``pysonic train codec --config FILE [--set KEY=VALUE]``
+(several processes: ``torchrun --nproc_per_node=N -m pysonic train codec --config FILE``).
 """
 from __future__ import annotations
 
@@ -114,8 +113,8 @@ class CodecTrainConfig(TrainConfig):
 
 
 def load_config(path: str | Path, **overrides) -> CodecTrainConfig:
-    """A :class:`CodecTrainConfig` from a JSON or TOML file (keys as the fields; unknown keys are
-    an error naming them), with ``overrides`` applied on top."""
+    """A :class:`CodecTrainConfig` from a YAML, JSON or TOML file (keys as the fields; unknown
+    keys are an error naming them), with ``overrides`` applied on top."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"codec training config {path} not found")
@@ -125,6 +124,15 @@ def load_config(path: str | Path, **overrides) -> CodecTrainConfig:
             import tomllib
 
             raw = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError as exc:
+                raise ImportError("YAML configs need PyYAML (pip install pyyaml); or use JSON/TOML") from exc
+            try:
+                raw = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ValueError(str(exc)) from exc
         else:
             raw = json.loads(text)
     except ValueError as exc:
@@ -309,12 +317,17 @@ def train(config: CodecTrainConfig) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pysonic.train.codec --config FILE [--set KEY=VALUE ...]`` (also under torchrun)."""
+    """``pysonic train codec --config FILE [--set KEY=VALUE ...]`` (the registry in
+    :mod:`pysonic.cli.train` calls this), also ``python -m pysonic.train.codec ...``; both run
+    unchanged under ``torchrun --nproc_per_node=N``."""
     import argparse
 
     from pysonic.cli.codec import add_train_arguments, parse_overrides
 
-    parser = argparse.ArgumentParser(prog="python -m pysonic.train.codec", description="Train EnCodec.")
+    parser = argparse.ArgumentParser(
+        prog="pysonic train codec",
+        description="Train EnCodec (pysonic.train.codec). The config file (JSON or TOML) holds CodecTrainConfig "
+                    "fields; --set KEY=VALUE overrides one (the value is read as JSON, else as a string).")
     add_train_arguments(parser)
     args = parser.parse_args(argv)
     train(load_config(args.config, **parse_overrides(args.overrides)))
