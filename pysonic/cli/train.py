@@ -17,6 +17,7 @@ import importlib
 # name -> "module:function(argv: list[str]) -> int"; one line per trainer.
 TRAINERS: dict[str, str] = {
     "tangoflux": "pysonic.train.tangoflux:main",  # pre-training, fine-tuning, CRPO (the config's stage)
+    "codec": "pysonic.train.codec:main",  # EnCodec on a folder of audio
     "default": "pysonic.train.default_model:main",  # the shipped default model from scratch (configs/default)
 }
 
