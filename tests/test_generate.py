@@ -18,7 +18,7 @@ def pitch_hz(audio: torch.Tensor, sample_rate: int) -> float:
     n = 1 << (4 * len(x) - 1).bit_length()
     mag = torch.fft.rfft(x * torch.hann_window(len(x), dtype=torch.float64), n=n).abs()
     mag[: int(20 * n / sample_rate)] = 0  # below 20 Hz: not a pitch
-    k = int(mag.argmax())
+    k = min(max(int(mag.argmax()), 1), len(mag) - 2)
     a, b, c = (torch.log(mag[k + d] + 1e-30).item() for d in (-1, 0, 1))
     shift = 0.5 * (a - c) / (a - 2 * b + c) if (a - 2 * b + c) != 0 else 0.0
     return (k + shift) * sample_rate / n

@@ -35,7 +35,7 @@ STAGES = ("text", "vae", "flow", "package")
 _TOP = {"out_dir", "model_dir", "data", "text_encoder", "vae", "flow"}
 _DATA = {"sample_rate", "duration", "seed"}
 _TEXT = {"encoder", "vocab_captions", "train"}
-_VAE = {"model", "train"}
+_VAE = {"model", "train", "kinds"}
 _FLOW = {"model", "train", "items", "cache_latents"}
 
 
@@ -60,14 +60,14 @@ def check_config(cfg: Mapping[str, Any]) -> None:
             raise ValueError(f"train default: {sec}.train.out_dir is set by the driver (<out_dir>/{sec.split('_')[0]})")
 
 
-def _synth(cfg: Mapping[str, Any], split: str = "train"):
+def _synth(cfg: Mapping[str, Any], split: str = "train", kinds=None):
     from pysonic.data.synth import SonicSynth
 
     data = dict(cfg.get("data", {}))
     dur = data.get("duration", (1.0, 5.0))
     dur = tuple(dur) if isinstance(dur, (list, tuple)) else float(dur)
     return SonicSynth(split, sample_rate=int(data.get("sample_rate", 16000)), duration=dur,
-                      seed=int(data.get("seed", 0)))
+                      seed=int(data.get("seed", 0)), kinds=tuple(kinds) if kinds else None)
 
 
 def _dirs(cfg: Mapping[str, Any]) -> dict[str, Path]:
@@ -136,7 +136,7 @@ def stage_vae(cfg: Mapping[str, Any], log=print) -> Path:
         raise ValueError(f"train default: vae.model.sampling_rate {vae.sampling_rate} differs from data.sample_rate")
     tcfg = VAETrainConfig.from_dict({**cfg["vae"]["train"], "out_dir": str(d)})
     torch_seed(tcfg.seed)
-    logs = VAETrainer(vae, tcfg, _synth(cfg)).fit()
+    logs = VAETrainer(vae, tcfg, _synth(cfg, kinds=cfg["vae"].get("kinds"))).fit()
     log(f"[vae] done: {logs}")
     return d / "final.safetensors"
 

@@ -47,6 +47,10 @@ class VAETrainConfig(TrainConfig):
     stft_eps: float = 0.1
     mel_floor: float = 1e-2
     sample_posterior: bool = True  # decode mean + std * eps (False: the mean)
+    # Peak-normalise each crop to a random level in [lo, hi] dB full scale (None: keep the data's
+    # level). Quiet data (SonicSynth's rms is ~0.05) lets the decoder settle on a constant output
+    # in the first steps (measured: sines at amplitude 0.05 collapse, at 0.5 they are learned).
+    peak_db: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         parent = getattr(super(), "__post_init__", None)
@@ -58,6 +62,11 @@ class VAETrainConfig(TrainConfig):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v >= 0):
                 raise ValueError(f"VAETrainConfig: {name} must be a number >= 0, got {v!r}")
+        if self.peak_db is not None:
+            lo, hi = (float(v) for v in self.peak_db)
+            if not lo <= hi <= 0:
+                raise ValueError(f"VAETrainConfig: peak_db must be (lo, hi) with lo <= hi <= 0, got {self.peak_db!r}")
+            self.peak_db = (lo, hi)
         if self.l1_weight + self.stft_weight + self.mel_weight <= 0:
             raise ValueError("VAETrainConfig: at least one of l1_weight, stft_weight, mel_weight must be > 0")
 
@@ -80,8 +89,10 @@ def random_crop(wav: torch.Tensor, length: int, generator: torch.Generator) -> t
     return wav[:, start : start + length]
 
 
-def collate_crops(items: Sequence[Mapping[str, Any]], *, crop: int, channels: int, seed: int) -> dict[str, torch.Tensor]:
-    """Items with ``"audio"`` ``[C, N]`` and ``"index"`` -> ``{"audio": [B, channels, crop], "index": [B]}``."""
+def collate_crops(items: Sequence[Mapping[str, Any]], *, crop: int, channels: int, seed: int,
+                  peak_db: tuple[float, float] | None = None) -> dict[str, torch.Tensor]:
+    """Items with ``"audio"`` ``[C, N]`` and ``"index"`` -> ``{"audio": [B, channels, crop], "index": [B]}``;
+    with ``peak_db``, each (non-silent) crop is scaled to a peak drawn uniformly in that dB range."""
     if not items:
         raise ValueError("collate_crops: empty batch")
     wavs, idx = [], []
@@ -100,7 +111,13 @@ def collate_crops(items: Sequence[Mapping[str, Any]], *, crop: int, channels: in
                 raise ValueError(f"collate_crops: cannot fit {w.shape[0]} channels to {channels}")
         i = int(it["index"])
         g = torch.Generator().manual_seed((seed * _MIX[0] + i * _MIX[1]) % (2**63 - 1))
-        wavs.append(random_crop(w, crop, g))
+        c = random_crop(w, crop, g)
+        if peak_db is not None:
+            level = peak_db[0] + (peak_db[1] - peak_db[0]) * float(torch.rand((), generator=g))
+            peak = float(c.abs().max())
+            if peak > 1e-6:
+                c = c * (10 ** (level / 20) / peak)
+        wavs.append(c)
         idx.append(i)
     return {"audio": torch.stack(wavs), "index": torch.tensor(idx, dtype=torch.long)}
 
@@ -108,8 +125,8 @@ def collate_crops(items: Sequence[Mapping[str, Any]], *, crop: int, channels: in
 class _CropCollate:
     """Picklable collate (DataLoader workers)."""
 
-    def __init__(self, crop: int, channels: int, seed: int) -> None:
-        self.kw = dict(crop=crop, channels=channels, seed=seed)
+    def __init__(self, crop: int, channels: int, seed: int, peak_db=None) -> None:
+        self.kw = dict(crop=crop, channels=channels, seed=seed, peak_db=peak_db)
 
     def __call__(self, items):
         return collate_crops(items, **self.kw)
@@ -168,7 +185,7 @@ class VAETrainer(Trainer):
         hop = model.hop_length
         crop = max(hop, int(round(config.crop_seconds * model.sampling_rate / hop)) * hop)  # whole latent frames
         self.crop = crop
-        collate = _CropCollate(crop, model.config.audio_channels, config.seed)
+        collate = _CropCollate(crop, model.config.audio_channels, config.seed, config.peak_db)
         self.vae = model
         super().__init__(VAETrainModule(model), config, _Indexed(dataset), collate_fn=collate, optimizer=optimizer, dist=dist)
         # spectral losses sized to the crop (the largest FFT is at most the crop length)
