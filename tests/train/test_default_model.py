@@ -91,3 +91,18 @@ def test_latents_are_a_function_of_the_index(tmp_path):
     torch.testing.assert_close(b[2]["latents"], y["latents"], rtol=0, atol=0)  # read back from the cache
     mean = dm.SynthLatents(synth, vae, max_duration=1.536, seed=3, sample_posterior=False)[2]["latents"]
     assert not torch.equal(mean, x["latents"])
+
+
+def test_model_config_rotary_axes():
+    """The small model's head dim (64) needs its own rotary split: reachable from config.json."""
+    from pysonic.models.tangoflux import TangoFluxConfig, TangoFluxModel
+
+    assert TangoFluxConfig().transformer_config().axes_dims_rope == (16, 56, 56)  # the release's
+    cfg = TangoFluxConfig.from_config_dict({"attention_head_dim": 64, "num_attention_heads": 1, "num_layers": 1,
+                                            "num_single_layers": 0, "joint_attention_dim": 16, "in_channels": 2,
+                                            "axes_dims_rope": [8, 28, 28]})
+    assert cfg.transformer_config().axes_dims_rope == (8, 28, 28)
+    TangoFluxModel(cfg)  # builds
+    for bad in ([], [3, 4], "8,28,28", [8, True]):
+        with pytest.raises(ValueError, match="axes_dims_rope"):
+            TangoFluxConfig.from_config_dict({"axes_dims_rope": bad})

@@ -66,6 +66,17 @@ def test_random_crop_and_collate():
         collate_crops([], crop=8, channels=1, seed=0)
 
 
+def test_peak_normalised_crops():
+    items = [{"audio": 0.01 * torch.randn(1, 400), "index": i} for i in range(6)] + [{"audio": torch.zeros(1, 400), "index": 9}]
+    b = collate_crops(items, crop=64, channels=1, seed=0, peak_db=(-12.0, -6.0))
+    peaks = b["audio"][:6].abs().amax(dim=(1, 2))
+    assert ((peaks >= 10 ** (-12 / 20) - 1e-6) & (peaks <= 10 ** (-6 / 20) + 1e-6)).all(), peaks
+    assert len(set(peaks.tolist())) > 1  # a level drawn per item
+    assert b["audio"][6].abs().max() == 0  # silence stays silent
+    with pytest.raises(ValueError, match="peak_db"):
+        VAETrainConfig(out_dir="x", steps=1, peak_db=(-6.0, 3.0))
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="crop_seconds"):
         _cfg(tmp_path, 1, crop_seconds=0)
