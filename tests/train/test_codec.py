@@ -139,13 +139,13 @@ def test_balancer_shares_the_gradient_by_weight():
 def test_trainer_loss_goes_down_and_exports(audio_dir, tmp_path):
     # reconstruction only (no discriminator) so the curve is not a two-player game's
     out = tmp_path / "run"
-    trainer = CodecTrainer(_config(out, audio_dir, 30, adversarial=False, bandwidth_sampling=False))
+    trainer = CodecTrainer(_config(out, audio_dir, 20, lr=5e-3, adversarial=False, bandwidth_sampling=False))
     trainer.fit()
     recs = _log(out)
-    assert [r["step"] for r in recs] == list(range(1, 31))
+    assert [r["step"] for r in recs] == list(range(1, 21))
     first = sum(r["mel"] for r in recs[:3]) / 3
     last = sum(r["mel"] for r in recs[-3:]) / 3
-    assert last < 0.7 * first, (first, last)  # measured ~80 -> ~33
+    assert last < 0.75 * first, (first, last)  # measured ~75 -> ~38-50 (random crops make it noisy)
     assert {"l1", "mel", "commit", "codebook_usage", "dead_codes_replaced", "grad_norm", "lr"} <= set(recs[0])
     # the export is a transformers-layout EnCodec the inference model (and the CLI) load
     model = EncodecModel.from_pretrained(out / "encodec")
@@ -153,7 +153,7 @@ def test_trainer_loss_goes_down_and_exports(audio_dir, tmp_path):
     trained = trainer.model.codec.eval()
     wav = 0.3 * torch.randn(1, 1, 800)
     assert torch.equal(model.encode(wav), trained.encode(wav))
-    assert (out / "final.safetensors").is_file() and latest_checkpoint_name(out) == "step_30.pt"
+    assert (out / "final.safetensors").is_file() and latest_checkpoint_name(out) == "step_20.pt"
 
 
 def latest_checkpoint_name(out) -> str:
