@@ -192,6 +192,13 @@ def test_gan_training_resumes_exactly(audio_dir, tmp_path):
     assert {"disc", "disc_opt", "balancer"} <= set(ck["extra"])
 
 
+def test_bf16_autocast_runs(audio_dir, tmp_path):
+    # bf16 autocast through the codec, the quantiser (fp32 distances and EMA) and the discriminator
+    CodecTrainer(_config(tmp_path, audio_dir, 2, precision="bf16")).fit()
+    recs = _log(tmp_path)
+    assert len(recs) == 2 and all(math.isfinite(r[k]) for r in recs for k in ("mel", "adv", "feat", "d_loss", "commit"))
+
+
 def test_config_errors(audio_dir, tmp_path):
     with pytest.raises(ValueError, match="unknown keys"):
         CodecTrainConfig.from_dict({"out_dir": "x", "steps": 1, "stepz": 2})
