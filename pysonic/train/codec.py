@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="pysonic train codec",
-        description="Train EnCodec (pysonic.train.codec). The config file (JSON or TOML) holds CodecTrainConfig "
+        description="Train EnCodec (pysonic.train.codec). The config file (YAML, JSON or TOML) holds CodecTrainConfig "
                     "fields; --set KEY=VALUE overrides one (the value is read as JSON, else as a string).")
     add_train_arguments(parser)
     args = parser.parse_args(argv)
