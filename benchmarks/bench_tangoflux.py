@@ -7,7 +7,9 @@ Groups:
 - ``tangoflux vae decode``: the VAE part of a 10 s request (30 s too when heavy; the package decodes
   all 645 frames then crops; pysonic decodes the frames the crop keeps plus the receptive field);
 - ``tangoflux generate`` (heavy: ``PYSONIC_BENCH_HEAVY=1``): full 25-step requests of 10 s and 30 s,
-  with the transformer (sampling) and VAE (decode) seconds of the timed round in ``extra_info``.
+  with the transformer (sampling) and VAE (decode) seconds of the timed round in ``extra_info``;
+  ``pysonic_duration_frames`` samples only the latent frames the duration needs (an option that
+  differs from the released behaviour, which always samples 645 frames).
 
 The text encoder is a one-layer random T5 of FLAN-T5-large's width (no hub): its cost is negligible
 next to 25 steps of the transformer. Run:
@@ -126,7 +128,7 @@ def test_vae_decode(benchmark, models, impl, dtype, seconds):
 
 
 @pytest.mark.skipif(not HEAVY, reason="full 25-step requests take minutes: set PYSONIC_BENCH_HEAVY=1")
-@pytest.mark.parametrize("impl", ["pysonic", "tangoflux"])
+@pytest.mark.parametrize("impl", ["pysonic", "tangoflux", "pysonic_duration_frames"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seconds", [10, 30])
 def test_generate(benchmark, models, impl, dtype, seconds):
@@ -137,9 +139,12 @@ def test_generate(benchmark, models, impl, dtype, seconds):
     def run():
         with torch.inference_mode():
             t0 = time.perf_counter()
-            if impl == "pysonic":
+            if impl.startswith("pysonic"):
+                # pysonic_duration_frames: only the frames the duration needs (NOT the released behaviour)
+                frames = "duration" if impl == "pysonic_duration_frames" else "full"
                 z = pipe.generate_latents(PROMPT, duration=seconds, steps=STEPS, guidance_scale=GUIDANCE,
-                                          generator=torch.Generator().manual_seed(0), progress=False)
+                                          generator=torch.Generator().manual_seed(0), progress=False,
+                                          latent_frames=frames)
                 t1 = time.perf_counter()
                 wav = pipe.decode(z, seconds)
             else:

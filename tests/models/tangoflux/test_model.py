@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from pysonic.checkpoints import CheckpointError
 from pysonic.models.tangoflux import FluxTransformerConfig, TangoFluxConfig, TangoFluxModel
-from tests.models.tangoflux.release import TINY_MODEL, make_release, make_t5
+from tests.models.tangoflux.release import TINY_MODEL, shared_release
 from tests.ops.utils import low_precision_close
 
 TOL = 1e-4  # fp32 max abs: same math, different summation orders (fused attention / qkv)
@@ -19,11 +19,8 @@ TOL = 1e-4  # fp32 max abs: same math, different summation orders (fused attenti
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tangoflux")
-    t5 = make_t5(root / "t5")
-    pkg, _ = make_release(root / "release", t5)
-    ours = TangoFluxModel.from_pretrained(root / "release")
-    return root / "release", pkg, ours
+    path, _, pkg, _ = shared_release(tmp_path_factory)
+    return path, pkg, TangoFluxModel.from_pretrained(path)
 
 
 def _package_velocity(pkg, latents, sigma, states, mask, duration):
