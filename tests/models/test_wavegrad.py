@@ -113,14 +113,16 @@ def test_training_schedule_is_the_default_for_its_length(small):
 # ---------------------------------------------------------------- sampler
 
 def _count_steps(monkeypatch):
+    """Records (op name, clip) for every fused sampler update."""
     calls = []
-    real = pysonic.ops.diffusion_step
+    for name in ("diffusion_step", "diffusion_step_x0"):
+        real = getattr(pysonic.ops, name)
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("clip"))
-        return real(*args, **kwargs)
+        def counting(*args, _name=name, _real=real, **kwargs):
+            calls.append((_name, kwargs.get("clip")))
+            return _real(*args, **kwargs)
 
-    monkeypatch.setattr(pysonic.ops, "diffusion_step", counting)
+        monkeypatch.setattr(pysonic.ops, name, counting)
     return calls
 
 
@@ -129,14 +131,14 @@ def test_lmnt_sampler_one_fused_step_per_iteration(small_lmnt_style, monkeypatch
     wav = small_lmnt_style.generate(torch.randn(2, 6, 5), iterations=4, schedule=[1e-4, 1e-3, 1e-2, 0.1],
                                     generator=torch.Generator().manual_seed(0))
     assert wav.shape == (2, 60) and wav.dtype == torch.float32
-    assert calls == [1.0] * 4  # one op per iteration, clamped to [-1, 1]
+    assert calls == [("diffusion_step", 1.0)] * 4  # one op per iteration, clamped to [-1, 1]
     assert wav.abs().max() <= 1.0
 
 
 def test_ivanvovk_sampler_clamps_the_denoised_estimate(small, monkeypatch):
     calls = _count_steps(monkeypatch)
     small.generate(torch.randn(1, 10, 2), iterations=3, schedule=BETAS_3)
-    assert calls == [1.0, None] * 3  # clamp the y0 estimate, then the unclamped posterior step
+    assert calls == [("diffusion_step_x0", 1.0)] * 3  # one op per iteration: clamp y0, then the posterior step
 
 
 def test_step_coefficients_match_closed_form():

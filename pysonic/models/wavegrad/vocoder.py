@@ -263,20 +263,19 @@ class WaveGrad(nn.Module):
         return x
 
     def _iteration(self, x, n, k, c, mel_features, draw, backend):
-        """One denoising iteration at step n (the k-th done): network, then the fused update(s)."""
+        """One denoising iteration at step n (the k-th done): the network, then one fused update."""
         batch = x.shape[0]
         level = torch.full((batch,), c["level"], device=x.device, dtype=torch.float32)
         eps = self.net(x, None, level, mel_features=mel_features, channels_last=True).to(torch.float32)
         step_noise = draw(k + 1) if n > 0 else None
         if self.config.clip == "output":
-            # LMNT: x <- clamp(c1 * (x - c2 * eps) + sigma * z, -1, 1); one fused op.
+            # LMNT: x <- clamp(c1 * (x - c2 * eps) + sigma * z, -1, 1).
             x = ops.diffusion_step(x, eps, step_noise, c["c1"], c["c2"], c["sigma"], clip=1.0, backend=backend)
         else:
             # ivanvovk (clip_denoised): y0 = clamp((x - sqrt(1 - ab) * eps) / sqrt(ab), -1, 1), then the
-            # posterior mean coef1 * y0 + coef2 * x plus sigma * z. Unclamped, this equals the c1/c2 update;
-            # the clamp sits between the two affine maps, so it takes two fused steps.
-            y0 = ops.diffusion_step(x, eps, None, c["y0_c1"], c["y0_c2"], 0.0, clip=1.0, backend=backend)
-            x = ops.diffusion_step(y0, x, step_noise, c["coef1"], -c["coef2"] / c["coef1"], c["sigma"], backend=backend)
+            # posterior mean coef1 * y0 + coef2 * x plus sigma * z.
+            x = ops.diffusion_step_x0(x, eps, step_noise, c["y0_c1"], c["y0_c2"], c["coef1"], c["coef2"], c["sigma"],
+                                      clip=1.0, backend=backend)
         return x
 
 
