@@ -5,6 +5,8 @@ reference), then building blocks, codecs, models, sampling, pipelines and traini
 """
 from pysonic._ext import build_info
 from pysonic import ops
+from pysonic.audio import load_audio, save_audio
+from pysonic.pipelines import TangoFlux
 
 __version__ = "0.1.0"
-__all__ = ["ops", "build_info", "__version__"]
+__all__ = ["ops", "build_info", "__version__", "TangoFlux", "load_audio", "save_audio"]

@@ -1,7 +1,9 @@
 """TangoFlux (text-to-audio flow matching): the Flux transformer that predicts the velocity.
 
-The text encoder, the VAE and the sampler are separate modules.
+The velocity model (text projection, duration token, transformer) is ``TangoFluxModel``; the text
+encoder, the VAE and the sampler are separate modules.
 """
+from pysonic.models.tangoflux.model import DurationEmbedding, TangoFluxConfig, TangoFluxModel
 from pysonic.models.tangoflux.transformer import FluxTransformer, FluxTransformerConfig
 
-__all__ = ["FluxTransformer", "FluxTransformerConfig"]
+__all__ = ["DurationEmbedding", "FluxTransformer", "FluxTransformerConfig", "TangoFluxConfig", "TangoFluxModel"]
