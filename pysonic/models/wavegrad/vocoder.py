@@ -18,9 +18,19 @@ from pysonic.models.wavegrad.mel import MelSpectrogram
 from pysonic.models.wavegrad.model import WaveGradNet, to_channels_last
 from pysonic.models.wavegrad.schedules import fibonacci_betas, linear_betas
 
-# Noise schedules shipped with the package, by iteration count (betas, float64). Searched
-# schedules are added here once produced by pysonic's own search.
-PACKAGED_SCHEDULES: dict[int, Sequence[float]] = {}
+# Noise schedules shipped with the package (schedules.json beside this file), by iteration count.
+# Each was produced by pysonic's own search (pysonic.models.wavegrad.search); the file records how.
+SCHEDULE_FILE = Path(__file__).with_name("schedules.json")
+
+
+def _packaged_schedules() -> dict[int, Sequence[float]]:
+    if not SCHEDULE_FILE.is_file():
+        return {}
+    obj = json.loads(SCHEDULE_FILE.read_text())
+    return {int(n): entry["betas"] for n, entry in obj["schedules"].items()}
+
+
+PACKAGED_SCHEDULES: dict[int, Sequence[float]] = _packaged_schedules()
 
 
 def check_betas(betas, *, where: str = "WaveGrad.generate") -> torch.Tensor:
