@@ -265,6 +265,7 @@ def test_channels_last_path_matches_plain(model, request):
     mel, audio, level = torch.randn(2, n_mels, 5), torch.randn(2, 5 * hop).clamp(-1, 1), torch.tensor([0.2, 0.95])
     with torch.no_grad():
         plain = net(audio, mel, level)
+        net.prepare(None)  # generate keeps its cache: free it to see the error
         with pytest.raises(RuntimeError, match="prepare"):
             net(audio, mel, level, channels_last=True)
         try:
@@ -278,6 +279,25 @@ def test_channels_last_path_matches_plain(model, request):
     assert low.dtype == torch.bfloat16
     rel = (low.float() - plain).norm() / plain.norm()
     assert rel < 0.05  # bf16 weights and activations through ~20 layers
+
+
+def test_weight_cache_follows_the_weights(small):
+    # generate keeps the channels-last weights between calls; changing a weight in place must
+    # rebuild them (the cache is keyed on the tensors' version counters).
+    mel = torch.randn(1, 10, 3)
+    gen = lambda: small.generate(mel, 3, BETAS_3, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    first = gen()
+    torch.testing.assert_close(gen(), first, rtol=0, atol=0)
+    w = small.net.out_conv.weight
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.mul_(2.0)
+        assert not torch.equal(gen(), first)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    torch.testing.assert_close(gen(), first, rtol=0, atol=0)
 
 
 def test_noise_level_encoding_formula():

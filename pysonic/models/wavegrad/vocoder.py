@@ -256,20 +256,18 @@ class WaveGrad(nn.Module):
             return torch.randn(batch, length, generator=generator, device=device, dtype=torch.float32)
 
         coefs = step_coefficients(betas, self.config.clip)
-        # Inference layout: [B, C, 1, T] channels-last activations in `dtype`, weights cached once.
+        # Inference layout: [B, C, 1, T] channels-last activations in `dtype`. The weights are
+        # cached in that layout and dtype across calls until they change (net.prepare(None) frees them).
         self.net.prepare(dtype)
-        try:
-            mel_features = self.net.encode_mel(to_channels_last(mel, dtype))
-            x = draw(0)
-            steps = range(iterations - 1, -1, -1)
-            if progress:
-                from tqdm import tqdm
+        mel_features = self.net.encode_mel(to_channels_last(mel, dtype))
+        x = draw(0)
+        steps = range(iterations - 1, -1, -1)
+        if progress:
+            from tqdm import tqdm
 
-                steps = tqdm(steps, desc="WaveGrad", total=iterations)
-            for k, n in enumerate(steps):
-                x = self._iteration(x, n, k, coefs[n], mel_features, draw, backend)
-        finally:
-            self.net.prepare(None)
+            steps = tqdm(steps, desc="WaveGrad", total=iterations)
+        for k, n in enumerate(steps):
+            x = self._iteration(x, n, k, coefs[n], mel_features, draw, backend)
         return x
 
     def _iteration(self, x, n, k, c, mel_features, draw, backend):
