@@ -12,7 +12,8 @@ import importlib
 import sys
 
 # Module names under pysonic.cli, in the order `pysonic --help` lists them.
-COMMANDS: list[str] = ["generate", "vocode"]
+
+COMMANDS: list[str] = ["generate", "vocode", "train"]
 
 
 class CLIError(Exception):

@@ -23,6 +23,7 @@ from torch import nn
 
 from pysonic.checkpoints import CheckpointError, load_into, read_state_dict
 from pysonic.nn.transformer import TransformerEncoderLayer
+from pysonic.text.base import TextEncoder
 
 PAD, UNK, NUM, NOTE, EOS = "<pad>", "<unk>", "<num>", "<note>", "<eos>"
 SPECIALS = (PAD, UNK, NUM, NOTE, EOS)
@@ -80,7 +81,7 @@ class WordEncoderConfig:
     dropout: float = 0.0
 
 
-class WordTextEncoder(nn.Module):
+class WordTextEncoder(TextEncoder):
     """Text -> (states [B, L, dim], mask [B, L] bool), trained from scratch (e.g. jointly with a
     TangoFlux-architecture model on SonicSynth captions)."""
 
@@ -101,19 +102,14 @@ class WordTextEncoder(nn.Module):
     def dim(self) -> int:
         return self.config.dim
 
-    @property
-    def device(self) -> torch.device:
-        return self.embed.weight.device
-
-    def tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ids [B, L] (long), values [B, L] (1.0 where not numeric), lengths [B]."""
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("WordTextEncoder: prompts must be a list of strings")
-        rows = []
-        for p in prompts:
-            toks = tokenize(p)[: self.config.max_tokens - 1] + [(EOS, None)]
-            rows.append(toks)
-        L = max(len(r) for r in rows) if rows else 1
+    def tokens(self, prompts: list[str], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids [B, L] (long), values [B, L] (1.0 where not numeric), lengths [B]; L is the
+        longest prompt, or ``length`` (prompts truncated to it, ``<eos>`` kept last)."""
+        limit = min(self.config.max_tokens, length or self.config.max_tokens)
+        rows = [tokenize(p)[: limit - 1] + [(EOS, None)] for p in prompts]
+        L = length if length is not None else max(len(r) for r in rows)
+        if L > self.config.max_tokens:
+            raise ValueError(f"WordTextEncoder: length {L} exceeds max_tokens {self.config.max_tokens}")
         ids = torch.zeros(len(rows), L, dtype=torch.long)
         values = torch.ones(len(rows), L)
         for b, row in enumerate(rows):
@@ -124,11 +120,9 @@ class WordTextEncoder(nn.Module):
         lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
         return ids, values, lengths
 
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompts: B strings -> states [B, L, dim] (float32, zero at padding), mask [B, L] bool."""
-        ids, values, lengths = (t.to(self.device) for t in self.tokens(prompts))
-        if ids.shape[0] == 0:
-            raise ValueError("WordTextEncoder.encode: no prompts")
+    def _encode(self, prompts: list[str], length: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts: B strings -> states [B, L, dim] (zero at padding), mask [B, L] bool."""
+        ids, values, lengths = (t.to(self.device) for t in self.tokens(prompts, length))
         is_num = (ids == self.index[NUM]) | (ids == self.index[NOTE])
         x = self.embed(ids) + is_num[..., None] * self.number(numeric_features(values))
         x = x + self.position(torch.arange(ids.shape[1], device=self.device))
@@ -137,7 +131,8 @@ class WordTextEncoder(nn.Module):
         mask = torch.arange(ids.shape[1], device=self.device)[None] < lengths[:, None]
         return self.norm(x) * mask[..., None], mask
 
-    forward = encode
+    def forward(self, prompts: list[str], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode(prompts, length=length)
 
     # ---- files ------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:

@@ -70,9 +70,9 @@ def test_save_and_load(tmp_path):
 
 def test_bad_prompts():
     enc = _encoder()
-    with pytest.raises(TypeError, match="list of strings"):
-        enc.encode("just a string")
-    with pytest.raises(ValueError, match="no prompts"):
+    with pytest.raises(TypeError, match="every prompt must be a string"):
+        enc.encode(["fine", 3])
+    with pytest.raises(ValueError, match="empty list"):
         enc.encode([])
 
 
@@ -80,3 +80,5 @@ def test_eos_always_present():
     enc = _encoder()
     ids, _, lengths = enc.tokens(["x " * 200])
     assert lengths.item() == enc.config.max_tokens and ids[0, -1] == enc.index[EOS]
+    states, mask = enc.encode(["a sine tone at 440 hz", ""], length=4)  # fixed length: truncated/padded
+    assert states.shape[1] == 4 and mask.sum(1).tolist() == [4, 1]
