@@ -40,8 +40,11 @@ class DBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-1] // self.factor
-        residual = _resample(self.residual(x), size, self.mode)
-        h = F.leaky_relu(_resample(x, size, self.mode), _SLOPE)
+        x = _resample(x, size, self.mode)
+        # The 1x1 conv and the resampling commute (both linear, on different axes; resampling keeps
+        # constants): the residual conv runs at the low rate on the already-resampled input.
+        residual = self.residual(x)
+        h = F.leaky_relu(x, _SLOPE)
         last = len(self.convs) - 1
         for i, conv in enumerate(self.convs):
             # Each conv's leaky ReLU (or the last one's residual sum) is fused into the conv.
