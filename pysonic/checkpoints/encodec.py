@@ -195,3 +195,57 @@ def infer_architecture(state: Mapping[str, torch.Tensor]) -> dict:
         fields["compress"] = max(1, first.shape[0] // hidden.shape[0])
         fields["true_skip"] = f"{res_blocks[0]}.shortcut.bias" not in state
     return fields
+
+
+# ---------------------------------------------------------------------------- writing
+def to_transformers_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """pysonic ``EncodecModel`` names -> ``transformers`` names (the inverse of
+    :func:`convert_transformers_state`; EMA training buffers of the quantiser are dropped)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key == "quantizer.codebooks":
+            for level, book in enumerate(value):
+                embed = book.detach().clone().contiguous()
+                out[f"quantizer.layers.{level}.codebook.embed"] = embed
+                out[f"quantizer.layers.{level}.codebook.inited"] = torch.ones(1)
+                # k-means state transformers keeps (unused at inference): one use per code
+                out[f"quantizer.layers.{level}.codebook.cluster_size"] = torch.ones(embed.shape[0])
+                out[f"quantizer.layers.{level}.codebook.embed_avg"] = embed.clone()
+            continue
+        if key.startswith("quantizer."):
+            continue  # cluster_size / embed_sum: training state, not part of the model
+        parts = key.split(".")
+        if parts[-1] in ("weight_g", "weight_v", "weight", "bias") and parts[-2] != "norm" and "lstm" not in parts:
+            key = ".".join(parts[:-1] + ["conv", parts[-1]])
+        out[key] = value.detach().clone().contiguous()
+    return out
+
+
+def transformers_config_dict(config) -> dict:
+    """An ``EncodecConfig`` as a ``transformers`` EnCodec ``config.json`` dict."""
+    raw = {theirs: getattr(config, ours) for theirs, ours in _HF_FIELDS.items()}
+    raw["target_bandwidths"] = list(config.target_bandwidths)
+    raw["upsampling_ratios"] = list(config.ratios)
+    raw.update(model_type="encodec", use_conv_shortcut=not config.true_skip, overlap=config.overlap,
+               codebook_dim=config.dimension)
+    return raw
+
+
+def save_transformers_layout(model, path: str | Path) -> Path:
+    """Write ``model`` (a pysonic ``EncodecModel``) as a ``transformers`` EnCodec directory
+    (``config.json`` + ``model.safetensors``) that :meth:`EncodecModel.from_pretrained` (and
+    ``transformers``) read. Files are written to temporaries and renamed into place."""
+    import os
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.float().cpu() for k, v in to_transformers_state(model.state_dict()).items()}
+    tmp = path / "model.safetensors.tmp"
+    save_file(weights, str(tmp))
+    os.replace(tmp, path / "model.safetensors")
+    tmp = path / "config.json.tmp"
+    tmp.write_text(json.dumps(transformers_config_dict(model.config), indent=2))
+    os.replace(tmp, path / "config.json")
+    return path

@@ -172,7 +172,9 @@ class EncodecModel(nn.Module):
                              f"{wav.shape[1]} (remix first)")
         if wav.shape[0] == 0 or wav.shape[-1] == 0:
             raise ValueError(f"EncodecModel.encode: empty audio, shape {tuple(wav.shape)}")
-        if not bool(torch.isfinite(wav).all()):
+        # One reduction pass: a finite sum means every sample is finite (the exact check only
+        # runs when the sum is not, e.g. for huge but finite samples that overflow it).
+        if not bool(torch.isfinite(wav.sum())) and not bool(torch.isfinite(wav).all()):
             raise ValueError("EncodecModel.encode: wav contains NaN or Inf samples")
 
     @torch.no_grad()
@@ -371,28 +373,6 @@ def _package_config(arch: dict, overrides: dict, *, source: str) -> EncodecConfi
 
 
 # ---------------------------------------------------------------------------- files (for the CLI)
-def resample(wav: torch.Tensor, sr_in: int, sr_out: int, *, half_width: int = 16) -> torch.Tensor:
-    """Band-limited resampling of ``wav [..., N]``: Hann-windowed sinc, ``half_width`` zero
-    crossings of the lower of the two Nyquist rates each side, cut-off at 95 % of it.
-    Returns ``[..., ceil(N * sr_out / sr_in)]``."""
-    if sr_in == sr_out:
-        return wav
-    cutoff = 0.95 * min(1.0, sr_out / sr_in)  # fraction of the input Nyquist
-    w = int(math.ceil(half_width / cutoff))
-    n_in = wav.shape[-1]
-    n_out = math.ceil(n_in * sr_out / sr_in)
-    x = torch.nn.functional.pad(wav.double(), (w, w))
-    out = []
-    for start in range(0, n_out, 1 << 15):  # bounded memory: [block, 2w] weights at a time
-        n = torch.arange(start, min(n_out, start + (1 << 15)), dtype=torch.float64)
-        t = n * sr_in / sr_out  # output times in input samples
-        idx = torch.floor(t).long()[:, None] + torch.arange(-w + 1, w + 1)[None]  # [n, 2w]
-        tau = t[:, None] - idx
-        h = cutoff * torch.sinc(cutoff * tau) * 0.5 * (1 + torch.cos(math.pi * tau.clamp(-w, w) / w))
-        out.append((x[..., idx + w] * h).sum(-1))
-    return torch.cat(out, dim=-1).to(wav.dtype)
-
-
 def encode_file(path_in: str | Path, path_out: str | Path, *, checkpoint: str | Path, bandwidth: float | None = None,
                 resample_input: bool = False, chunk_seconds: float | None = None) -> dict:
     """Encode an audio file (anything ``soundfile`` reads) to an ``.npz`` of codes.
@@ -403,14 +383,15 @@ def encode_file(path_in: str | Path, path_out: str | Path, *, checkpoint: str | 
     ``channels``, ``num_samples``, ``bandwidth`` and ``checkpoint`` (for ``decode_file``).
     """
     import numpy as np
-    import soundfile as sf
+
+    from pysonic.audio import load_audio, resample
 
     model = EncodecModel.from_pretrained(checkpoint)
     try:
-        data, sr = sf.read(str(path_in), dtype="float32", always_2d=True)  # [N, C]
-    except Exception as exc:
+        audio, sr = load_audio(path_in)  # [C, N] at the file's rate
+    except ValueError as exc:
         raise ValueError(f"encode_file: cannot read audio {path_in}: {exc}") from exc
-    wav = torch.from_numpy(data.T.copy()).unsqueeze(0)  # [1, C, N]
+    wav = audio.unsqueeze(0)  # [1, C, N]
     if sr != model.sample_rate or wav.shape[1] != model.channels:
         if not resample_input:
             raise ValueError(f"encode_file: {path_in} is {sr} Hz with {wav.shape[1]} channel(s); the model "
@@ -438,10 +419,11 @@ def encode_file(path_in: str | Path, path_out: str | Path, *, checkpoint: str | 
 
 
 def decode_file(path_in: str | Path, path_out: str | Path, *, checkpoint: str | Path | None = None,
-                chunk_frames: int | None = None) -> dict:
+                chunk_frames: int | None = None, subtype: str | None = None) -> dict:
     """Decode an ``.npz`` written by :func:`encode_file` to an audio file (``soundfile``:
     format from the extension), trimmed to the original length. ``checkpoint`` defaults to the
-    one recorded in the npz."""
+    one recorded in the npz. ``subtype``: soundfile's sample format (default: the format's own,
+    16-bit PCM for WAV, which clips at full scale; "FLOAT" keeps the decoder's output exactly)."""
     import numpy as np
     import soundfile as sf
 
@@ -461,5 +443,8 @@ def decode_file(path_in: str | Path, path_out: str | Path, *, checkpoint: str | 
         else:
             wav = model.decode(codes, scales)
     wav = wav[0, :, :n].float()
-    sf.write(str(path_out), wav.T.numpy(), model.sample_rate)
+    try:
+        sf.write(str(path_out), wav.T.numpy(), model.sample_rate, subtype=subtype)
+    except (TypeError, ValueError, sf.LibsndfileError) as exc:
+        raise ValueError(f"decode_file: cannot write {path_out}: {exc}") from exc
     return {"sample_rate": model.sample_rate, "channels": model.channels, "num_samples": wav.shape[-1]}

@@ -55,12 +55,19 @@ def attribute_targets(spec_dict: dict) -> dict[str, torch.Tensor]:
     for head in VALUE_HEADS:
         values, mask = torch.zeros(LAYERS), torch.zeros(LAYERS)
         for j, layer in enumerate(layers):
-            if layer.get(head) is not None:
+            if layer.get(head) is not None and _value_stated(layer, head):
                 mean, std = VALUE_NORM[head]
                 values[j], mask[j] = (math.log2(float(layer[head])) - mean) / std, 1.0
         out[head], out[head + "_mask"] = values, mask
     out["loudness"] = torch.tensor(LOUDNESS.index(spec_dict["loudness"]))
     return out
+
+
+def _value_stated(layer: dict, head: str) -> bool:
+    # beeps and sweeps may leave their pitch unsaid (a default is rendered): not a caption fact
+    if head in ("freq", "freq_end") and layer["kind"] in ("clicks", "sweep"):
+        return bool(layer.get("freq_named"))
+    return True
 
 
 def _stated(layer: dict, head: str) -> bool:

@@ -10,8 +10,8 @@ import soundfile as sf
 import torch
 
 from pysonic.data.synth import (HELDOUT_BPM, KINDS, LOUDNESS_DB, SonicSynth, active_level_db, is_heldout_bpm,
-                                is_heldout_pitch, parse_caption, sample_spec, spec_is_heldout, tokenize, vocabulary,
-                                write_synth)
+                                is_heldout_pitch, parse_caption, sample_spec, spec_is_heldout, synth_collate, tokenize,
+                                vocabulary, write_synth)
 from pysonic.data.synth.spec import note_to_midi, midi_to_hz, midi_to_note
 
 SR = 16000
@@ -195,3 +195,17 @@ def test_write_synth(tmp_path, key_style, keys):
         wav, sr = sf.read(rec[keys[0]], dtype="float32", always_2d=True)
         assert sr == SR and wav.shape == (item["audio"].shape[1], 1)
         np.testing.assert_allclose(wav[:, 0], item["audio"][0].numpy(), atol=1.0 / 32768 + 1e-7)  # 16-bit PCM
+
+
+def test_collate_pads_a_batch():
+    ds = SonicSynth("train", seed=0, sample_rate=SR, duration=(1.0, 2.0))
+    items = [ds[i] for i in range(4)]
+    batch = synth_collate(items)
+    n = max(it["audio"].shape[1] for it in items)
+    assert batch["audio"].shape == (4, 1, n) and batch["caption"] == [it["caption"] for it in items]
+    for i, it in enumerate(items):
+        assert batch["lengths"][i] == it["audio"].shape[1]
+        assert torch.equal(batch["audio"][i, :, : it["audio"].shape[1]], it["audio"])
+        assert not batch["audio"][i, :, it["audio"].shape[1]:].any()
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=synth_collate)
+    assert next(iter(loader))["audio"].shape[0] == 3

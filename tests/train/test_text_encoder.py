@@ -19,6 +19,8 @@ def test_targets_of_a_mixture():
             assert (t["kind"] > 0).all()  # both slots hold a sound
         else:
             assert t["kind"][1] == 0  # the background slot is "none"
+        if spec.layers[0].kind == "clicks" and not spec.layers[0].freq_named:
+            assert t["freq_mask"][0] == 0  # an unnamed beep pitch is not a caption fact
         if spec.layers[0].kind == "tone":
             mean, std = VALUE_NORM["freq"]
             assert t["freq_mask"][0] == 1 and abs(2 ** (t["freq"][0] * std + mean) - spec.layers[0].freq) < 1e-3 * spec.layers[0].freq

@@ -13,7 +13,7 @@ from pysonic.data.synth.captions import make_caption
 from pysonic.data.synth.sounds import MIN_SAMPLE_RATE, render_spec
 from pysonic.data.synth.spec import KINDS, SynthSpec, sample_spec, spec_is_heldout
 
-__all__ = ["SonicSynth", "write_synth", "item_rng", "render_item"]
+__all__ = ["SonicSynth", "write_synth", "item_rng", "render_item", "synth_collate"]
 
 _SPLIT_CODE = {"train": 0, "heldout": 1}
 _DEFAULT_LENGTH = 1_000_000
@@ -111,6 +111,22 @@ class SonicSynth(torch.utils.data.Dataset):
         attrs = spec.to_dict()
         attrs.update(split=self.split, index=index)
         return {"audio": wav, "caption": caption, "duration": spec.duration, "attributes": attrs}
+
+
+def synth_collate(batch: list[dict]) -> dict:
+    """Batch SonicSynth items of different lengths: ``{"audio": [B, C, N_max] (zero-padded),
+    "lengths": [B] samples, "caption": list[str], "duration": [B] float32, "attributes": list[dict]}``."""
+    if not batch:
+        raise ValueError("synth_collate: empty batch")
+    n = max(item["audio"].shape[-1] for item in batch)
+    c = batch[0]["audio"].shape[0]
+    audio = torch.zeros(len(batch), c, n)
+    for i, item in enumerate(batch):
+        audio[i, :, : item["audio"].shape[-1]] = item["audio"]
+    return {"audio": audio, "lengths": torch.tensor([item["audio"].shape[-1] for item in batch]),
+            "caption": [item["caption"] for item in batch],
+            "duration": torch.tensor([item["duration"] for item in batch], dtype=torch.float32),
+            "attributes": [item["attributes"] for item in batch]}
 
 
 def write_synth(out_dir: str | os.PathLike, n: int, *, split: str = "train", sample_rate: int = 16000,

@@ -15,7 +15,7 @@ Exact parameters (the analysers in ``pysonic.eval.synthbench`` rely on them):
 - noise: Gaussian noise shaped in the frequency domain to power ~ f^0 (white), f^-1 (pink),
   f^-2 (brown), flat below 20 Hz, no DC;
 - sweeps: exponential sine chirp from freq to freq_end;
-- clicks: a 3 ms decaying noise burst; beeps: a sine burst of min(80 ms, half the period) with 5 ms
+- clicks: a 3 ms decaying noise burst; beeps: a sine burst of min(80 ms, 40% of the period) with 5 ms
   fades; one every 1/rate seconds from 20 ms on;
 - levels: the background of a mixture is 12 dB below the foreground (active levels, see
   :func:`active_level_db`); the sum is scaled so its active level is the spec's level_db, then
@@ -172,7 +172,7 @@ def render_sound(s: Sound, n: int, sample_rate: int, rng: np.random.Generator) -
         return _fade(np.sin(2 * np.pi * phase), sr)
     if s.kind == "clicks":
         if s.click == "beep":
-            length = min(0.08, 0.5 / s.rate)
+            length = min(0.08, 0.4 / s.rate)
             m = int(length * sr)
             hit = _fade(np.sin(2 * np.pi * s.freq * np.arange(m) / sr), sr, 0.005)
         else:

@@ -40,6 +40,7 @@ NOISE_COLORS = ("white", "pink", "brown")
 LOUDNESS_DB = {"quiet": -38.0, "moderate": -26.0, "loud": -14.0}
 LOUDNESS_JITTER_DB = 2.0
 MIXTURE_BACKGROUND_DB = -12.0  # background layer level relative to the foreground
+MIN_TONE_OVER_DRUMS_HZ = 200.0  # mixtures "tone over drums": the tone stays above the kick drum
 
 HELDOUT_PITCHES = (300.0, 700.0, 1200.0)
 HELDOUT_PITCH_TOL = 0.02  # relative: |f / p - 1| <= 2%
@@ -272,7 +273,8 @@ def sample_sound(rng: np.random.Generator, kind: str, split: str, *, heldout_ok:
     raise ValueError(f"sample_sound: unknown kind {kind!r}; expected one of {KINDS[:-1]}")
 
 
-# Relative frequency of each kind in the dataset (mixtures: a tone or beeps over noise or drums).
+# Relative frequency of each kind in the dataset.
+# Mixtures: a tone over noise or drums, or beeps over noise.
 KIND_WEIGHTS = {"tone": 0.24, "chord": 0.09, "scale": 0.09, "drums": 0.12, "noise": 0.09, "sweep": 0.09,
                 "clicks": 0.1, "silence": 0.03, "mixture": 0.15}
 # Kinds that carry a held-out value, for split="heldout".
@@ -302,12 +304,16 @@ def sample_spec(rng: np.random.Generator, *, split: str = "train", kind: str | N
         kind = kinds[rng.choice(len(kinds), p=w / w.sum())]
     if kind == "mixture":
         fg_kind = ("tone", "clicks")[int(rng.random() < 0.25)]
-        bg_kind = ("noise", "drums")[int(rng.random() < 0.35)]
+        # beeps only over noise: over drums their rate and the tempo could not be told apart
+        bg_kind = "noise" if fg_kind == "clicks" else ("noise", "drums")[int(rng.random() < 0.35)]
         # held-out mixtures: the held-out value sits in the foreground (noise has none)
         fg = sample_sound(rng, fg_kind, split)
         if fg.kind == "clicks":  # beeps over a background (clicks are lost in noise and drums)
             while fg.click != "beep":
                 fg = sample_sound(rng, fg_kind, split)
+        # a tone over drums stays above the kick (155 -> 45 Hz), where a louder tone would mask it
+        while bg_kind == "drums" and fg.freq < MIN_TONE_OVER_DRUMS_HZ:
+            fg = sample_sound(rng, fg_kind, split)
         bg = sample_sound(rng, bg_kind, split, heldout_ok=False)
         layers = (fg, bg)
     else:

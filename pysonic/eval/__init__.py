@@ -1,0 +1,2 @@
+"""Objective evaluation: SynthBench (``pysonic.eval.synthbench``) and its audio analysers
+(``pysonic.eval.analysis``)."""
