@@ -113,3 +113,16 @@ def test_schedule_files_roundtrip_and_drive_generate(small, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"betas": [0.1, -0.2]}))
     with pytest.raises(ValueError, match="open interval"):
         S.load_schedule(tmp_path / "bad.json")
+
+
+def test_shipped_schedules(small):
+    obj = json.loads(SCHEDULE_FILE.read_text())
+    assert sorted(PACKAGED_SCHEDULES) == [6, 7, 12, 25, 50, 100, 1000]
+    for n, betas in PACKAGED_SCHEDULES.items():
+        assert len(betas) == n and all(0 < b < 1 for b in betas)
+        entry = obj["schedules"][str(n)]
+        assert entry["searched_with"] and "score" in entry  # how each was produced is recorded
+    # schedule=None takes the shipped one; other counts are a clear error.
+    torch.testing.assert_close(small.resolve_schedule(6), torch.tensor(PACKAGED_SCHEDULES[6], dtype=torch.float64))
+    with pytest.raises(ValueError, match="no noise schedule for 9 iterations"):
+        small.resolve_schedule(9)
