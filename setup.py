@@ -110,6 +110,8 @@ if __name__ == "__main__":
         packages=find_packages(include=["pysonic", "pysonic.*"]) + ["pysonic.triton_kernels"],
         # Triton kernels live beside the CUDA ones in kernels/; they ship as pysonic.triton_kernels.
         package_dir={"pysonic": "pysonic", "pysonic.triton_kernels": "kernels/triton"},
+        # WaveGrad noise schedules found by pysonic's own search (pysonic.models.wavegrad.search).
+        package_data={"pysonic.models.wavegrad": ["schedules.json"]},
         ext_modules=extensions(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     )
