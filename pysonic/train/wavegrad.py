@@ -42,6 +42,7 @@ from torch import nn
 from pysonic.models.wavegrad import WaveGrad, WaveGradConfig, ivanvovk_default, lmnt_default
 from pysonic.models.wavegrad.config import from_ivanvovk_json
 from pysonic.models.wavegrad.mel import MelSpectrogram
+from pysonic.train.config_file import read_config_file
 from pysonic.train.loop import TrainConfig, Trainer
 
 _TOP = {"model", "data", "noise_schedule", "train", "test_every"}
@@ -156,20 +157,8 @@ class WaveGradTrainer(Trainer):
 # ------------------------------------------------------------------------------------ config
 
 def read_config(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"train wavegrad: no such config file {str(path)!r}")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ValueError(f"train wavegrad: reading {str(path)!r} needs PyYAML, or write the config as JSON") from None
-        return yaml.safe_load(text)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"train wavegrad: {path} is not valid JSON: {exc}") from exc
+    """Parse a YAML, TOML or JSON config file."""
+    return read_config_file(path, what="train wavegrad")
 
 
 def from_ivanvovk_config(obj: Mapping[str, Any], *, steps: int | None) -> dict:
