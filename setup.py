@@ -110,8 +110,10 @@ if __name__ == "__main__":
         packages=find_packages(include=["pysonic", "pysonic.*"]) + ["pysonic.triton_kernels"],
         # Triton kernels live beside the CUDA ones in kernels/; they ship as pysonic.triton_kernels.
         package_dir={"pysonic": "pysonic", "pysonic.triton_kernels": "kernels/triton"},
-        # the shipped default model (pysonic.generate without a checkpoint): weights, configs, card
-        package_data={"pysonic": ["assets/default/*.json", "assets/default/*.safetensors", "assets/default/*.md",
+        # WaveGrad noise schedules found by pysonic's own search (pysonic.models.wavegrad.search);
+        # the shipped default model (pysonic.generate without a checkpoint): weights, configs, card.
+        package_data={"pysonic.models.wavegrad": ["schedules.json"],
+                      "pysonic": ["assets/default/*.json", "assets/default/*.safetensors", "assets/default/*.md",
                                   "assets/default/*/*.json", "assets/default/*/*.safetensors"]},
         ext_modules=extensions(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -1,4 +1,4 @@
-"""flow_step and diffusion_step at 4M elements: fused kernel vs the unfused torch expression."""
+"""flow_step, diffusion_step and diffusion_step_x0 at 4M elements: fused kernel vs the unfused torch expression."""
 import pytest
 import torch
 
@@ -44,4 +44,27 @@ def test_diffusion_step(benchmark, impl, dtype):
     }[impl]
     benchmark.group = f"diffusion_step [2, {N // 2}] {dtype}"
     benchmark.extra_info.update(op="diffusion_step", impl=impl, dtype=dtype, flops=0, bytes=4 * x.numel() * x.element_size())
+    benchmark(fn)
+
+
+def _unfused_diffusion_x0(x, eps, noise, c1, c2, p, q, sigma):
+    x0 = (c1 * (x - c2 * eps)).clamp_(-1.0, 1.0)
+    return p * x0 + q * x + sigma * noise
+
+
+@pytest.mark.parametrize("impl", ["pysonic", "torch_unfused", "reference"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_diffusion_step_x0(benchmark, impl, dtype):
+    # Reads x, eps and noise once and writes once: the same 4 passes as diffusion_step.
+    x, eps, noise = (torch.randn(2, N // 2, dtype=DTYPES[dtype]) for _ in range(3))
+    c1, c2 = torch.tensor([1.01, 1.02]), torch.tensor([0.1, 0.2])
+    p, q, sigma = torch.tensor([0.3, 0.4]), torch.tensor([0.7, 0.6]), torch.tensor([0.05, 0.06])
+    col = lambda c: c[:, None].to(x.dtype)
+    fn = {
+        "pysonic": lambda: ops.diffusion_step_x0(x, eps, noise, c1, c2, p, q, sigma, clip=1.0),
+        "torch_unfused": lambda: _unfused_diffusion_x0(x, eps, noise, *(col(c) for c in (c1, c2, p, q, sigma))),
+        "reference": lambda: reference.diffusion_step_x0(x, eps, noise, c1, c2, p, q, sigma, 1.0),
+    }[impl]
+    benchmark.group = f"diffusion_step_x0 [2, {N // 2}] {dtype}"
+    benchmark.extra_info.update(op="diffusion_step_x0", impl=impl, dtype=dtype, flops=0, bytes=4 * x.numel() * x.element_size())
     benchmark(fn)

@@ -38,6 +38,11 @@ TORCH_LIBRARY(pysonic, m) {
   // c1, c2, sigma: float32 tensors of shape [B] (one value per batch item).
   m.def("diffusion_step(Tensor x, Tensor eps, Tensor? noise, Tensor c1, Tensor c2, Tensor sigma, "
         "float? clip=None) -> Tensor");
+  // DDPM step that clamps its clean-signal estimate (ivanvovk WaveGrad clip_denoised, diffusers
+  // clip_sample): x0 = c1 * (x - c2 * eps), clamped to [-clip, clip] unless clip is None;
+  // out = coef_x0 * x0 + coef_x * x + sigma * noise. c1, c2, coef_x0, coef_x, sigma: float32 [B].
+  m.def("diffusion_step_x0(Tensor x, Tensor eps, Tensor? noise, Tensor c1, Tensor c2, "
+        "Tensor coef_x0, Tensor coef_x, Tensor sigma, float? clip=1.0) -> Tensor");
 }
 
 namespace {

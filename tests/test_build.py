@@ -20,7 +20,7 @@ def test_build_info_reports_the_build():
     assert info["cpu_isa"] in ("AVX512", "AVX2", "DEFAULT")
     assert isinstance(info["cuda"], bool)
     # Importing pysonic._C registered the ops with the dispatcher.
-    for op in ("attention", "rotary", "conformer_conv", "rvq_encode", "rvq_decode", "flow_step", "diffusion_step"):
+    for op in ("attention", "rotary", "conformer_conv", "rvq_encode", "rvq_decode", "flow_step", "diffusion_step", "diffusion_step_x0"):
         assert hasattr(torch.ops.pysonic, op), op
 
 

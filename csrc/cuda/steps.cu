@@ -1,7 +1,9 @@
-// CUDA launchers for the per-step sampler updates: flow_step and diffusion_step.
+// CUDA launchers for the per-step sampler updates: flow_step, diffusion_step, diffusion_step_x0.
 // Checks mirror csrc/cpu/steps.cpp; kernels live in kernels/cuda/steps.cuh.
 #include "cuda/launch.h"
 #include "steps.cuh"
+
+#include <type_traits>
 
 namespace pysonic::cuda {
 namespace {
@@ -55,32 +57,38 @@ at::Tensor flow_step_cuda(const at::Tensor& x, const at::Tensor& v_cond,
 }
 
 // A float scalar or [B] tensor on x's device -> contiguous float32 [B].
-at::Tensor coefficient(const at::Tensor& c, const at::Tensor& x, int64_t batch, const char* name) {
-  TORCH_CHECK(c.device() == x.device(), "diffusion_step: ", name, " must be on the device of x (",
+at::Tensor coefficient(const char* op, const at::Tensor& c, const at::Tensor& x, int64_t batch,
+                       const char* name) {
+  TORCH_CHECK(c.device() == x.device(), op, ": ", name, " must be on the device of x (",
               x.device(), "), got ", c.device());
-  TORCH_CHECK(c.dim() <= 1 && (c.numel() == batch || c.numel() == 1), "diffusion_step: ", name,
+  TORCH_CHECK(c.dim() <= 1 && (c.numel() == batch || c.numel() == 1), op, ": ", name,
               " must be a scalar or have shape [B] = [", batch, "], got ", c.sizes());
-  TORCH_CHECK(c.is_floating_point(), "diffusion_step: ", name, " must be a float tensor, got ",
+  TORCH_CHECK(c.is_floating_point(), op, ": ", name, " must be a float tensor, got ",
               c.scalar_type());
   return c.to(at::kFloat).reshape({-1}).expand({batch}).contiguous();
 }
 
-at::Tensor diffusion_step_cuda(const at::Tensor& x, const at::Tensor& eps,
-                               const std::optional<at::Tensor>& noise, const at::Tensor& c1,
-                               const at::Tensor& c2, const at::Tensor& sigma,
-                               std::optional<double> clip) {
-  constexpr const char* op = "diffusion_step";
+// Shared body of diffusion_step and diffusion_step_x0 (coef_x0/coef_x undefined for the former).
+at::Tensor diffusion_step_impl(const char* op, bool x0_mode, const at::Tensor& x,
+                               const at::Tensor& eps, const std::optional<at::Tensor>& noise,
+                               const at::Tensor& c1, const at::Tensor& c2,
+                               const at::Tensor& coef_x0, const at::Tensor& coef_x,
+                               const at::Tensor& sigma, std::optional<double> clip) {
   check_cuda(x, op, "x");
-  TORCH_CHECK(x.is_floating_point(), "diffusion_step: x must be floating point, got ",
-              x.scalar_type());
-  TORCH_CHECK(x.dim() >= 1, "diffusion_step: x must have a batch dimension, got a scalar");
+  TORCH_CHECK(x.is_floating_point(), op, ": x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have a batch dimension, got a scalar");
   check_like_x(x, eps, op, "eps");
   if (noise) check_like_x(x, *noise, op, "noise");
-  TORCH_CHECK(!clip || *clip >= 0, "diffusion_step: clip must be >= 0, got ", clip.value_or(0.0));
+  TORCH_CHECK(!clip || *clip >= 0, op, ": clip must be >= 0, got ", clip.value_or(0.0));
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t batch = x.size(0);
-  auto a = coefficient(c1, x, batch, "c1"), b = coefficient(c2, x, batch, "c2"),
-       s = coefficient(sigma, x, batch, "sigma");
+  auto a = coefficient(op, c1, x, batch, "c1"), b = coefficient(op, c2, x, batch, "c2"),
+       s = coefficient(op, sigma, x, batch, "sigma");
+  at::Tensor p, q;
+  if (x0_mode) {
+    p = coefficient(op, coef_x0, x, batch, "coef_x0");
+    q = coefficient(op, coef_x, x, batch, "coef_x");
+  }
   auto xc = x.contiguous(), ec = eps.contiguous();
   at::Tensor nc = noise ? noise->contiguous() : at::Tensor();
   auto out = at::empty(xc.sizes(), xc.options());
@@ -90,22 +98,49 @@ at::Tensor diffusion_step_cuda(const at::Tensor& x, const at::Tensor& eps,
   dispatch_float(x.scalar_type(), op, "x", [&](auto tag) {
     using T = decltype(tag);
     const T* z = nc.defined() ? ptr<const T>(nc) : nullptr;
+    const float* pp = x0_mode ? ptr<const float>(p) : nullptr;
+    const float* qp = x0_mode ? ptr<const float>(q) : nullptr;
     constexpr int V = vec_width<T>();
     const int64_t bytes = V * static_cast<int64_t>(sizeof(T));
     const bool vec = n % V == 0 && aligned(xc.data_ptr(), bytes) && aligned(ec.data_ptr(), bytes) &&
                      aligned(out.data_ptr(), bytes) && (z == nullptr || aligned(z, bytes));
+    auto launch = [&](auto width) {
+      constexpr int W = decltype(width)::value;
+      if (x0_mode) {
+        launch_diffusion_step_x0<T, W>(ptr<const T>(xc), ptr<const T>(ec), z, ptr<T>(out), batch,
+                                       n, ptr<const float>(a), ptr<const float>(b), pp, qp,
+                                       ptr<const float>(s), clip_value, current_stream());
+      } else {
+        launch_diffusion_step<T, W>(ptr<const T>(xc), ptr<const T>(ec), z, ptr<T>(out), batch, n,
+                                    ptr<const float>(a), ptr<const float>(b), ptr<const float>(s),
+                                    clip_value, current_stream());
+      }
+    };
     if (vec) {
-      launch_diffusion_step<T, V>(ptr<const T>(xc), ptr<const T>(ec), z, ptr<T>(out), batch, n,
-                                  ptr<const float>(a), ptr<const float>(b), ptr<const float>(s),
-                                  clip_value, current_stream());
+      launch(std::integral_constant<int, V>{});
     } else {
-      launch_diffusion_step<T, 1>(ptr<const T>(xc), ptr<const T>(ec), z, ptr<T>(out), batch, n,
-                                  ptr<const float>(a), ptr<const float>(b), ptr<const float>(s),
-                                  clip_value, current_stream());
+      launch(std::integral_constant<int, 1>{});
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
+}
+
+at::Tensor diffusion_step_cuda(const at::Tensor& x, const at::Tensor& eps,
+                               const std::optional<at::Tensor>& noise, const at::Tensor& c1,
+                               const at::Tensor& c2, const at::Tensor& sigma,
+                               std::optional<double> clip) {
+  return diffusion_step_impl("diffusion_step", false, x, eps, noise, c1, c2, at::Tensor(),
+                             at::Tensor(), sigma, clip);
+}
+
+at::Tensor diffusion_step_x0_cuda(const at::Tensor& x, const at::Tensor& eps,
+                                  const std::optional<at::Tensor>& noise, const at::Tensor& c1,
+                                  const at::Tensor& c2, const at::Tensor& coef_x0,
+                                  const at::Tensor& coef_x, const at::Tensor& sigma,
+                                  std::optional<double> clip) {
+  return diffusion_step_impl("diffusion_step_x0", true, x, eps, noise, c1, c2, coef_x0, coef_x,
+                             sigma, clip);
 }
 
 }  // namespace
@@ -113,6 +148,7 @@ at::Tensor diffusion_step_cuda(const at::Tensor& x, const at::Tensor& eps,
 TORCH_LIBRARY_IMPL(pysonic, CUDA, m) {
   m.impl("flow_step", &flow_step_cuda);
   m.impl("diffusion_step", &diffusion_step_cuda);
+  m.impl("diffusion_step_x0", &diffusion_step_x0_cuda);
 }
 
 }  // namespace pysonic::cuda

@@ -12,6 +12,9 @@
 //   out[b, i] = c1[b] * x - c1[b] * c2[b] * eps + sigma[b] * noise, then clamped to
 //   [-clip, clip] when clip >= 0 (NaN stays NaN, like torch.clamp).
 //   Grid: x over chunks of one item's n elements, y over batch items (grid-stride on both).
+//   With X0 = true (launch_diffusion_step_x0, the op diffusion_step_x0), p and q: float [batch]:
+//   y0 = c1[b] * x - c1[b] * c2[b] * eps, clamped to [-clip, clip] when clip >= 0, then
+//   out[b, i] = p[b] * y0 + q[b] * x + sigma[b] * noise (no clamp of the result).
 #pragma once
 
 #include "common.cuh"
@@ -58,12 +61,14 @@ __device__ __forceinline__ float clamp_keep_nan(float r, float clip) {
   return r < -clip ? -clip : (r > clip ? clip : r);
 }
 
-template <typename T, int V>
+template <typename T, int V, bool X0>
 __global__ void _diffusion_step_kernel(const T* __restrict__ x, const T* __restrict__ eps,
                                        const T* __restrict__ noise, T* __restrict__ out,
                                        int64_t batch, int64_t n, const float* __restrict__ c1,
                                        const float* __restrict__ c2,
-                                       const float* __restrict__ sigma, float clip) {
+                                       const float* __restrict__ sigma,
+                                       const float* __restrict__ p, const float* __restrict__ q,
+                                       float clip) {
   const bool clamp = clip >= 0.f;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -71,6 +76,7 @@ __global__ void _diffusion_step_kernel(const T* __restrict__ x, const T* __restr
   using P = Pack<T, V>;
   for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
     const float ca = c1[b], cb = -c1[b] * c2[b], cs = sigma[b];
+    const float cp = X0 ? p[b] : 0.f, cq = X0 ? q[b] : 0.f;
     const int64_t base = b * nvec;  // in units of P
     for (int64_t i = tid; i < nvec; i += stride) {
       const P px = reinterpret_cast<const P*>(x)[base + i];
@@ -80,9 +86,14 @@ __global__ void _diffusion_step_kernel(const T* __restrict__ x, const T* __restr
       P po;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        float r = ca * to_float(px.v[e]) + cb * to_float(pe.v[e]);
+        const float xv = to_float(px.v[e]);
+        float r = ca * xv + cb * to_float(pe.v[e]);
+        if (X0) {
+          if (clamp) r = clamp_keep_nan(r, clip);
+          r = cp * r + cq * xv;
+        }
         if (noise != nullptr) r += cs * to_float(pz.v[e]);
-        if (clamp) r = clamp_keep_nan(r, clip);
+        if (!X0 && clamp) r = clamp_keep_nan(r, clip);
         po.v[e] = from_float<T>(r);
       }
       reinterpret_cast<P*>(out)[base + i] = po;
@@ -101,17 +112,35 @@ inline void launch_flow_step(const T* x, const T* vc, const T* vu, T* out, int64
   PYSONIC_LAUNCH(kernel, dim3(blocks), dim3(kThreads), stream, x, vc, vu, out, n, a, b);
 }
 
-template <typename T, int V>
-inline void launch_diffusion_step(const T* x, const T* eps, const T* noise, T* out, int64_t batch,
-                                  int64_t n, const float* c1, const float* c2, const float* sigma,
-                                  float clip, cudaStream_t stream) {
+template <typename T, int V, bool X0>
+inline void launch_diffusion_step_impl(const T* x, const T* eps, const T* noise, T* out,
+                                       int64_t batch, int64_t n, const float* c1, const float* c2,
+                                       const float* sigma, const float* p, const float* q,
+                                       float clip, cudaStream_t stream) {
   constexpr int kThreads = 256;
   const int64_t work = ceil_div<int64_t>(n / V, kThreads);
   const unsigned gx = static_cast<unsigned>(work < 1024 ? (work > 0 ? work : 1) : 1024);
   const unsigned gy = static_cast<unsigned>(batch < 65535 ? batch : 65535);
-  auto kernel = &_diffusion_step_kernel<T, V>;
+  auto kernel = &_diffusion_step_kernel<T, V, X0>;
   PYSONIC_LAUNCH(kernel, dim3(gx, gy), dim3(kThreads), stream, x, eps, noise, out, batch, n, c1,
-                 c2, sigma, clip);
+                 c2, sigma, p, q, clip);
+}
+
+template <typename T, int V>
+inline void launch_diffusion_step(const T* x, const T* eps, const T* noise, T* out, int64_t batch,
+                                  int64_t n, const float* c1, const float* c2, const float* sigma,
+                                  float clip, cudaStream_t stream) {
+  launch_diffusion_step_impl<T, V, false>(x, eps, noise, out, batch, n, c1, c2, sigma, nullptr,
+                                          nullptr, clip, stream);
+}
+
+template <typename T, int V>
+inline void launch_diffusion_step_x0(const T* x, const T* eps, const T* noise, T* out,
+                                     int64_t batch, int64_t n, const float* c1, const float* c2,
+                                     const float* p, const float* q, const float* sigma,
+                                     float clip, cudaStream_t stream) {
+  launch_diffusion_step_impl<T, V, true>(x, eps, noise, out, batch, n, c1, c2, sigma, p, q, clip,
+                                         stream);
 }
 
 }  // namespace pysonic::cuda

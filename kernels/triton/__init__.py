@@ -23,6 +23,7 @@ IMPLS = {
     "attention": attention.attention,
     "flow_step": steps.flow_step,
     "diffusion_step": steps.diffusion_step,
+    "diffusion_step_x0": steps.diffusion_step_x0,
 }
 
 __all__ = ["IMPLS"]

@@ -79,6 +79,8 @@ def _cases(m):
             (f"flow_step {dt}", _body(m.steps.flow_step), lambda dt=dt: (E(4, 64, 1000, dt=dt),) * 3 + (0.1, 3.0)),
             (f"diffusion_step {dt}", _body(m.steps.diffusion_step),
              lambda dt=dt: (E(4, 64, 1000, dt=dt),) * 3 + (E(4), E(4), E(4), 1.0)),
+            (f"diffusion_step_x0 {dt}", _body(m.steps.diffusion_step_x0),
+             lambda dt=dt: (E(4, 64, 1000, dt=dt),) * 3 + (E(4),) * 5 + (1.0,)),
         ]
     return cases
 

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Module names under pysonic.cli, in the order `pysonic --help` lists them.
-COMMANDS: list[str] = ["generate", "train", "bench", "codec"]
+COMMANDS: list[str] = ["generate", "vocode", "train", "bench", "codec"]
 
 
 class CLIError(Exception):

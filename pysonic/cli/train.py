@@ -18,6 +18,7 @@ import importlib
 TRAINERS: dict[str, str] = {
     "tangoflux": "pysonic.train.tangoflux:main",  # pre-training, fine-tuning, CRPO (the config's stage)
     "codec": "pysonic.train.codec:main",  # EnCodec on a folder of audio
+    "wavegrad": "pysonic.train.wavegrad:main",  # WaveGrad vocoder (pysonic or ivanvovk config)
     "default": "pysonic.train.default_model:main",  # the shipped default model from scratch (configs/default)
 }
 

@@ -7,7 +7,7 @@ from pysonic.ops import reference
 from pysonic.ops._backends import BACKENDS, BackendUnavailable, available_backends
 from pysonic.ops.rvq import rvq_decode, rvq_encode
 from pysonic.ops.attention import attention
-from pysonic.ops.steps import diffusion_step, flow_step
+from pysonic.ops.steps import diffusion_step, diffusion_step_x0, flow_step
 from pysonic.ops.rotary import rotary
 from pysonic.ops.conformer_conv import conformer_conv
 
@@ -19,6 +19,7 @@ __all__ = [
     "attention",
     "flow_step",
     "diffusion_step",
+    "diffusion_step_x0",
     "rvq_encode",
     "rvq_decode",
     "rotary",

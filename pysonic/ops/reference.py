@@ -141,3 +141,25 @@ def diffusion_step(x, eps, noise, c1, c2, sigma, clip=None):
     if clip is not None:
         out = out.clamp(-clip, clip)
     return out.to(x.dtype)
+
+
+def diffusion_step_x0(x, eps, noise, c1, c2, coef_x0, coef_x, sigma, clip=1.0):
+    """A reverse-diffusion update through a clamped clean-signal estimate.
+
+    ``x0 = c1 * (x - c2 * eps)``, clamped to [-clip, clip] unless ``clip`` is None, then
+    ``coef_x0 * x0 + coef_x * x + sigma * noise`` (the DDPM posterior mean plus noise: ivanvovk
+    WaveGrad's ``clip_denoised``, diffusers' ``clip_sample``). Coefficients: floats or [B] tensors;
+    ``noise=None`` means sigma is 0. fp32 arithmetic, x's dtype out.
+    """
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    c1, c2, coef_x0, coef_x, sigma = (
+        torch.as_tensor(c, dtype=torch.float32, device=x.device).reshape(shape) for c in (c1, c2, coef_x0, coef_x, sigma)
+    )
+    xf = x.float()
+    x0 = c1 * (xf - c2 * eps.float())
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    out = coef_x0 * x0 + coef_x * xf
+    if noise is not None:
+        out = out + sigma * noise.float()
+    return out.to(x.dtype)

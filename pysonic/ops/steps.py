@@ -1,6 +1,7 @@
-"""Per-step sampler updates: ``flow_step`` (rectified flow, CFG) and ``diffusion_step`` (DDPM-style).
+"""Per-step sampler updates: ``flow_step`` (rectified flow, CFG), ``diffusion_step`` (DDPM-style)
+and ``diffusion_step_x0`` (DDPM with a clamped clean-signal estimate).
 
-Both are one fused, memory-bound pass; samplers call them once per step.
+Each is one fused, memory-bound pass; samplers call one of them once per step.
 """
 from __future__ import annotations
 
@@ -94,6 +95,55 @@ def diffusion_step(x, eps, noise=None, c1=1.0, c2=0.0, sigma=0.0, *, clip: float
     return torch.ops.pysonic.diffusion_step(*args)
 
 
+def diffusion_step_x0(x, eps, noise=None, c1=1.0, c2=0.0, coef_x0=1.0, coef_x=0.0, sigma=0.0, *,
+                      clip: float | None = 1.0, backend: str = "auto"):
+    """A reverse-diffusion update through a clamped estimate of the clean signal, in one pass.
+
+    ``x0 = clamp(c1 * (x - c2 * eps), -clip, clip)``, then ``coef_x0 * x0 + coef_x * x + sigma * noise``:
+    the DDPM posterior mean of Ho et al. (2020) with the prediction clamped, as ivanvovk/WaveGrad
+    (``clip_denoised=True``) and diffusers (``clip_sample=True``) sample. Without the clamp it is
+    the affine :func:`diffusion_step`; with it, the clamp sits between two affine maps, which is
+    why it is an op of its own.
+
+    Args:
+        x: current sample [B, ...], float32/bfloat16/float16.
+        eps: predicted noise, same shape and dtype as ``x``.
+        noise: fresh Gaussian noise like ``x``, or None (sigma treated as 0).
+        c1, c2: the clean-signal estimate's coefficients (``1 / sqrt(alpha_bar)``, ``sqrt(1 - alpha_bar)``).
+        coef_x0, coef_x: the posterior mean's coefficients of ``x0`` and ``x``.
+        sigma: the posterior standard deviation. Every coefficient is a Python float or a float
+            tensor of shape [B] (items may be at different steps).
+        clip: clamp bound of the estimate (1.0 for waveforms in [-1, 1]), or None for no clamp.
+        backend: "auto", "cpp", "cuda", "triton" or "reference".
+
+    Returns:
+        The updated sample, same shape and dtype as ``x`` (contiguous).
+    """
+    op = "diffusion_step_x0"
+    _checks.tensor(op, "x", x, dtypes=_checks.FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have a batch dimension, got a scalar")
+    _checks.tensor(op, "eps", eps)
+    if noise is not None:
+        _checks.tensor(op, "noise", noise)
+    device = _checks.same_device(op, x=x, eps=eps, noise=noise)
+    _checks.same_dtype(op, x=x, eps=eps, noise=noise)
+    _checks.same_shape(op, x=x, eps=eps, noise=noise)
+    if clip is not None and not clip >= 0:
+        raise ValueError(f"{op}: clip must be a number >= 0, got {clip}")
+    names = ("c1", "c2", "coef_x0", "coef_x", "sigma")
+    coefs = [_coefficient(op, n, c, x) for n, c in zip(names, (c1, c2, coef_x0, coef_x, sigma))]
+    chosen = resolve(op, backend, device)
+    if chosen == "reference":
+        return reference.diffusion_step_x0(x, eps, noise, *coefs, None if clip is None else float(clip))
+    args = (x, eps, noise, *coefs, None if clip is None else float(clip))
+    if chosen == "triton":
+        from pysonic.ops import _triton
+
+        return _triton.get(op)(*args)
+    return torch.ops.pysonic.diffusion_step_x0(*args)
+
+
 if _ext._C is not None:  # shapes for torch.compile / fake tensors
 
     @torch.library.register_fake("pysonic::flow_step")
@@ -102,4 +152,8 @@ if _ext._C is not None:  # shapes for torch.compile / fake tensors
 
     @torch.library.register_fake("pysonic::diffusion_step")
     def _diffusion_step_fake(x, eps, noise, c1, c2, sigma, clip=None):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("pysonic::diffusion_step_x0")
+    def _diffusion_step_x0_fake(x, eps, noise, c1, c2, coef_x0, coef_x, sigma, clip=1.0):
         return torch.empty_like(x, memory_format=torch.contiguous_format)

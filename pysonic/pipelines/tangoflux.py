@@ -313,7 +313,8 @@ class TangoFlux:
             steps: sampler steps (model calls: ``steps`` for Euler, ``2 steps - 1`` for Heun).
             guidance_scale: classifier-free guidance weight; <= 1 disables guidance (one forward per step).
             num_samples_per_prompt: samples per prompt (output items ``[p0 s0, p0 s1, ..., p1 s0, ...]``).
-            generator: random generator of the initial noise (``randn([B, T, C])``, in output order).
+            generator: random generator of the initial noise (``randn([B, T, C])``, in output order;
+                a CPU generator seeded with s draws what the release draws after ``torch.manual_seed(s)``).
             scheduler: "euler" (the release) or "heun".
             latents: initial noise [B, T, C] instead of drawing it (T = 645 unless ``latent_frames="duration"``).
             latent_frames: "full" (the release: 645 frames, then crop) or "duration" (only the frames

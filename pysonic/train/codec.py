@@ -26,7 +26,6 @@ Config file (YAML, JSON or TOML): every :class:`CodecTrainConfig` field, flat; s
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from torch import nn
 
 from pysonic.codecs.encodec import EncodecConfig, EncodecModel
 from pysonic.train.balancer import Balancer
+from pysonic.train.config_file import read_config_file
 from pysonic.train.discriminators import MultiScaleSTFTDiscriminator
 from pysonic.train.loop import TrainConfig, Trainer
 from pysonic.train.losses import (MultiResolutionSTFTLoss, MultiScaleMelLoss, feature_matching_loss,
@@ -115,30 +115,7 @@ class CodecTrainConfig(TrainConfig):
 def load_config(path: str | Path, **overrides) -> CodecTrainConfig:
     """A :class:`CodecTrainConfig` from a YAML, JSON or TOML file (keys as the fields; unknown
     keys are an error naming them), with ``overrides`` applied on top."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"codec training config {path} not found")
-    text = path.read_text()
-    try:
-        if path.suffix.lower() == ".toml":
-            import tomllib
-
-            raw = tomllib.loads(text)
-        elif path.suffix.lower() in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError as exc:
-                raise ImportError("YAML configs need PyYAML (pip install pyyaml); or use JSON/TOML") from exc
-            try:
-                raw = yaml.safe_load(text)
-            except yaml.YAMLError as exc:
-                raise ValueError(str(exc)) from exc
-        else:
-            raw = json.loads(text)
-    except ValueError as exc:
-        raise ValueError(f"cannot parse codec training config {path}: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ValueError(f"codec training config {path} must hold a mapping of settings")
+    raw = read_config_file(path, what="codec training config")
     raw.update(overrides)
     return CodecTrainConfig.from_dict(raw)
 
@@ -326,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="pysonic train codec",
-        description="Train EnCodec (pysonic.train.codec). The config file (JSON or TOML) holds CodecTrainConfig "
+        description="Train EnCodec (pysonic.train.codec). The config file (YAML, JSON or TOML) holds CodecTrainConfig "
                     "fields; --set KEY=VALUE overrides one (the value is read as JSON, else as a string).")
     add_train_arguments(parser)
     args = parser.parse_args(argv)

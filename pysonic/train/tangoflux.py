@@ -29,31 +29,16 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from pysonic.train.config_file import read_config_file
+
 STAGES = ("pretrain", "finetune", "crpo")
 _TOP = {"stage", "model", "vae", "text_encoder", "data", "train"}
 _DATA = {"pretrain": {"train_manifest"}, "finetune": {"train_manifest"}, "crpo": {"prompts", "scorer"}}
 
 
 def read_config(path: str | Path) -> dict:
-    """Parse a YAML (``.yaml``/``.yml``, needs PyYAML) or JSON config file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"train tangoflux: no such config file {str(path)!r}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ValueError(f"train tangoflux: reading {str(path)!r} needs PyYAML (pip install pyyaml), or write the config as JSON") from None
-        cfg = yaml.safe_load(text)
-    else:
-        try:
-            cfg = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"train tangoflux: {str(path)!r} is not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"train tangoflux: {str(path)!r} must hold a mapping of settings")
-    return cfg
+    """Parse a YAML (``.yaml``/``.yml``, needs PyYAML), TOML or JSON config file."""
+    return read_config_file(path, what="train tangoflux")
 
 
 def check_config(cfg: Mapping[str, Any]) -> None:

@@ -7,15 +7,13 @@ import torch
 import pysonic
 from pysonic.cli import main
 from pysonic.cli.generate import output_paths
-from tests.models.tangoflux.release import TINY_VAE, make_release, make_t5
+from tests.models.tangoflux.release import TINY_VAE, shared_release
 
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli_release")
-    t5 = make_t5(root / "t5")
-    make_release(root / "release", t5, vae_layout="dir")  # diffusers vae/ folder: its config is read
-    return root / "release", t5
+    path, t5, _, _ = shared_release(tmp_path_factory, vae_layout="dir")  # diffusers vae/ folder: its config is read
+    return path, t5
 
 
 def _args(release, out, *extra):

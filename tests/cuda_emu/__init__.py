@@ -104,6 +104,21 @@ def diffusion_step(x, eps, noise, c1, c2, sigma, clip, *, vec=True):
     return out
 
 
+def diffusion_step_x0(x, eps, noise, c1, c2, coef_x0, coef_x, sigma, clip, *, vec=True):
+    lib = load()
+    x, eps = x.contiguous(), eps.contiguous()
+    noise = noise.contiguous() if noise is not None else None
+    B = x.shape[0]
+    coefs = [torch.as_tensor(c, dtype=torch.float32).reshape(-1).expand(B).contiguous() for c in (c1, c2, coef_x0, coef_x, sigma)]
+    out = torch.full_like(x, float("nan"))  # poisoned: every element must be written
+    if x.numel():
+        n = x.numel() // B
+        V = 16 // x.element_size()
+        lib.emu_diffusion_step_x0(INT(DTYPE_CODE[x.dtype]), INT(int(vec and n % V == 0)), _p(x), _p(eps), _p(noise), _p(out),
+                                  I64(B), I64(n), *(_p(c) for c in coefs), F32(-1.0 if clip is None else clip))
+    return out
+
+
 def rotary(x, cos, sin, interleaved):
     lib = load()
     x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()

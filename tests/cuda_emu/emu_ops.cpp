@@ -52,6 +52,17 @@ void emu_diffusion_step(int dtype, int vec, const void* x, const void* eps, cons
   });
 }
 
+void emu_diffusion_step_x0(int dtype, int vec, const void* x, const void* eps, const void* noise,
+                           void* out, int64_t batch, int64_t n, const float* c1, const float* c2,
+                           const float* p, const float* q, const float* sigma, float clip) {
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int V = 16 / sizeof(T);
+    if (vec) launch_diffusion_step_x0<T, V>((const T*)x, (const T*)eps, (const T*)noise, (T*)out, batch, n, c1, c2, p, q, sigma, clip, nullptr);
+    else launch_diffusion_step_x0<T, 1>((const T*)x, (const T*)eps, (const T*)noise, (T*)out, batch, n, c1, c2, p, q, sigma, clip, nullptr);
+  });
+}
+
 void emu_rotary(int dtype, int cos_float, const void* x, const void* cos, const void* sin, void* out,
                 int64_t rows, int64_t tlen, int64_t D, int64_t half, int interleaved) {
   dispatch(dtype, [&](auto tag) {

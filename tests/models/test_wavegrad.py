@@ -69,8 +69,9 @@ def test_mel_must_be_float_tensor(small):
 
 
 def test_iterations_without_schedule(small):
-    with pytest.raises(ValueError, match="no noise schedule for 6 iterations"):
-        small.generate(torch.randn(1, 10, 4), iterations=6)
+    # 6 iterations have a shipped schedule; 5 have none and no betas were given.
+    with pytest.raises(ValueError, match="no noise schedule for 5 iterations"):
+        small.generate(torch.randn(1, 10, 4), iterations=5)
 
 
 @pytest.mark.parametrize(
@@ -113,14 +114,16 @@ def test_training_schedule_is_the_default_for_its_length(small):
 # ---------------------------------------------------------------- sampler
 
 def _count_steps(monkeypatch):
+    """Records (op name, clip) for every fused sampler update."""
     calls = []
-    real = pysonic.ops.diffusion_step
+    for name in ("diffusion_step", "diffusion_step_x0"):
+        real = getattr(pysonic.ops, name)
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("clip"))
-        return real(*args, **kwargs)
+        def counting(*args, _name=name, _real=real, **kwargs):
+            calls.append((_name, kwargs.get("clip")))
+            return _real(*args, **kwargs)
 
-    monkeypatch.setattr(pysonic.ops, "diffusion_step", counting)
+        monkeypatch.setattr(pysonic.ops, name, counting)
     return calls
 
 
@@ -129,14 +132,14 @@ def test_lmnt_sampler_one_fused_step_per_iteration(small_lmnt_style, monkeypatch
     wav = small_lmnt_style.generate(torch.randn(2, 6, 5), iterations=4, schedule=[1e-4, 1e-3, 1e-2, 0.1],
                                     generator=torch.Generator().manual_seed(0))
     assert wav.shape == (2, 60) and wav.dtype == torch.float32
-    assert calls == [1.0] * 4  # one op per iteration, clamped to [-1, 1]
+    assert calls == [("diffusion_step", 1.0)] * 4  # one op per iteration, clamped to [-1, 1]
     assert wav.abs().max() <= 1.0
 
 
 def test_ivanvovk_sampler_clamps_the_denoised_estimate(small, monkeypatch):
     calls = _count_steps(monkeypatch)
     small.generate(torch.randn(1, 10, 2), iterations=3, schedule=BETAS_3)
-    assert calls == [1.0, None] * 3  # clamp the y0 estimate, then the unclamped posterior step
+    assert calls == [("diffusion_step_x0", 1.0)] * 3  # one op per iteration: clamp y0, then the posterior step
 
 
 def test_step_coefficients_match_closed_form():
@@ -263,6 +266,7 @@ def test_channels_last_path_matches_plain(model, request):
     mel, audio, level = torch.randn(2, n_mels, 5), torch.randn(2, 5 * hop).clamp(-1, 1), torch.tensor([0.2, 0.95])
     with torch.no_grad():
         plain = net(audio, mel, level)
+        net.prepare(None)  # generate keeps its cache: free it to see the error
         with pytest.raises(RuntimeError, match="prepare"):
             net(audio, mel, level, channels_last=True)
         try:
@@ -276,6 +280,25 @@ def test_channels_last_path_matches_plain(model, request):
     assert low.dtype == torch.bfloat16
     rel = (low.float() - plain).norm() / plain.norm()
     assert rel < 0.05  # bf16 weights and activations through ~20 layers
+
+
+def test_weight_cache_follows_the_weights(small):
+    # generate keeps the channels-last weights between calls; changing a weight in place must
+    # rebuild them (the cache is keyed on the tensors' version counters).
+    mel = torch.randn(1, 10, 3)
+    gen = lambda: small.generate(mel, 3, BETAS_3, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    first = gen()
+    torch.testing.assert_close(gen(), first, rtol=0, atol=0)
+    w = small.net.out_conv.weight
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.mul_(2.0)
+        assert not torch.equal(gen(), first)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    torch.testing.assert_close(gen(), first, rtol=0, atol=0)
 
 
 def test_noise_level_encoding_formula():

@@ -63,6 +63,25 @@ def test_diffusion_step(dtype, vec, clip, with_noise):
     check(out, ref64, reference.diffusion_step(x, eps, noise, c1, c2, sigma, clip), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("vec", [True, False])
+@pytest.mark.parametrize("clip", [None, 0.4])
+@pytest.mark.parametrize("with_noise", [True, False])
+def test_diffusion_step_x0(dtype, vec, clip, with_noise):
+    # [3, 2, 16] takes the vector path; [3, 37] (odd item length) the scalar one.
+    shape = (3, 2, 16) if vec else (3, 37)
+    x, eps, noise = (torch.randn(shape).to(dtype) for _ in range(3))
+    noise = noise if with_noise else None
+    c1, c2, p, q, sigma = torch.rand(3) + 0.5, torch.rand(3), torch.rand(3), torch.rand(3) + 0.5, torch.rand(3)
+    out = E.diffusion_step_x0(x, eps, noise, c1, c2, p, q, sigma, clip, vec=vec)
+    f64 = lambda t: None if t is None else t.double()
+    ref64 = reference.diffusion_step_x0(f64(x), f64(eps), f64(noise), c1, c2, p, q, sigma, clip)
+    check(out, ref64, reference.diffusion_step_x0(x, eps, noise, c1, c2, p, q, sigma, clip), dtype)
+    if clip is not None:  # the clamp binds somewhere, so this tests it
+        xf, ef = x.float().reshape(3, -1), eps.float().reshape(3, -1)
+        assert (c1[:, None] * (xf - c2[:, None] * ef)).abs().max() > clip
+
+
 # ---------------------------------------------------------------------------------- rotary
 
 

@@ -268,6 +268,42 @@ def test_diffusion_step(shape, clip, with_noise, dtype):
     close(out, ref32, ref_lowp, dtype, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 1024), (1,), (0, 4), (5, 4097)], ids=str)
+@pytest.mark.parametrize("clip", [None, 0.5])
+@pytest.mark.parametrize("with_noise", [False, True])
+def test_diffusion_step_x0(shape, clip, with_noise, dtype):
+    op = cuda_op("diffusion_step_x0")
+    x, eps, noise = (torch.randn(shape, device=DEV).to(dtype) for _ in range(3))
+    noise = noise if with_noise else None
+    B = shape[0]
+    coefs = [torch.rand(B, device=DEV) + 0.5 for _ in range(5)]
+    out = op(x, eps, noise, *coefs, clip)
+    ref32 = reference.diffusion_step_x0(x.float(), eps.float(), None if noise is None else noise.float(), *coefs, clip)
+    ref_lowp = reference.diffusion_step_x0(x, eps, noise, *coefs, clip)
+    close(out, ref32, ref_lowp, dtype, atol=1e-6, rtol=1e-5)
+    # An odd storage offset takes the scalar path.
+    if x.numel() and dtype == torch.float32:
+        base = torch.randn(x.numel() + 1, device=DEV)
+        xs = base[1:].view(shape)
+        torch.testing.assert_close(op(xs, eps, noise, *coefs, clip),
+                                   reference.diffusion_step_x0(xs, eps, noise, *coefs, clip), atol=1e-6, rtol=1e-5)
+
+
+def test_diffusion_step_x0_errors():
+    op = cuda_op("diffusion_step_x0")
+    x = torch.randn(2, 3, device=DEV)
+    one = torch.ones(2, device=DEV)
+    with pytest.raises(RuntimeError, match="diffusion_step_x0: coef_x0 must be on the device"):
+        op(x, x, None, one, one, torch.ones(2), one, one, 1.0)
+    with pytest.raises(RuntimeError, match="diffusion_step_x0: coef_x must be a scalar or have shape"):
+        op(x, x, None, one, one, one, torch.ones(3, device=DEV), one, 1.0)
+    with pytest.raises(RuntimeError, match="diffusion_step_x0: clip"):
+        op(x, x, None, one, one, one, one, one, -1.0)
+    with pytest.raises(RuntimeError, match="diffusion_step_x0: noise"):
+        op(x, x, torch.randn(2, 4, device=DEV), one, one, one, one, one, 1.0)
+
+
 def test_diffusion_step_errors():
     op = cuda_op("diffusion_step")
     x = torch.randn(2, 3, device=DEV)

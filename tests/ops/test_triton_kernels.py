@@ -26,7 +26,7 @@ if _reason is not None and "triton" not in REQUIRED:
     pytest.skip(f"Triton kernels unavailable: {_reason}", allow_module_level=True)
 
 IMPLS = _triton._load()[0].IMPLS if _reason is None else {}
-OPS = ("attention", "rotary", "conformer_conv", "rvq_encode", "rvq_decode", "flow_step", "diffusion_step")
+OPS = ("attention", "rotary", "conformer_conv", "rvq_encode", "rvq_decode", "flow_step", "diffusion_step", "diffusion_step_x0")
 FP32 = dict(atol=1e-5, rtol=1e-5)  # fp32 kernels reorder sums only
 GRAD32 = dict(atol=1e-4, rtol=1e-4)  # gradients go through a few more reordered sums
 
@@ -414,6 +414,7 @@ def _opcheck_cases():
         "rvq_decode": (torch.randint(0, 4, (1, 3, 2)), books),
         "flow_step": (y, y, y, 0.1, 2.0),
         "diffusion_step": (y, y, y, c, c, c, 1.0),
+        "diffusion_step_x0": (y, y, y, c, c, c, c, c, 1.0),
     }
 
 

@@ -9,7 +9,8 @@ import torch
 
 from pysonic.codecs.oobleck import OobleckConfig
 from pysonic.pipelines import AudioOutput, TangoFlux
-from tests.models.tangoflux.release import TINY_MODEL, TINY_VAE, make_release, make_t5
+from pysonic.text import TextEncoder
+from tests.models.tangoflux.release import TINY_MODEL, TINY_VAE, shared_release
 
 GEN_TOL = 1e-3  # fp32 max abs after a full 10-step generation (issue 5)
 VAE_TOL = 1e-4  # fp32 max abs of the VAE decode of the same latents (issue 5)
@@ -19,11 +20,9 @@ T = TINY_MODEL["audio_seq_len"]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tangoflux_pipe")
-    t5 = make_t5(root / "t5")
-    pkg, vae = make_release(root / "release", t5)
-    pipe = TangoFlux.from_pretrained(root / "release", text_encoder=t5, vae_config=OobleckConfig(**TINY_VAE))
-    return root, pkg, vae, pipe
+    path, t5, pkg, vae = shared_release(tmp_path_factory)
+    pipe = TangoFlux.from_pretrained(path, text_encoder=t5, vae_config=OobleckConfig(**TINY_VAE))
+    return path.parent, pkg, vae, pipe
 
 
 def test_generation_matches_package(setup):
@@ -36,9 +35,9 @@ def test_generation_matches_package(setup):
         # TangoFluxInference.generate: decode all frames, crop to int(duration * sampling_rate)
         ref_full = vae.decode(ref_z.transpose(2, 1)).sample
         ref_wav = ref_full[0][:, : int(duration * SR)]
-    torch.manual_seed(7)
-    noise = torch.randn(1, T, 64)
-    z = pipe.generate_latents(prompt, duration=duration, steps=steps, latents=noise, progress=False)
+    # a generator seeded like the package's global RNG draws the same initial noise
+    z = pipe.generate_latents(prompt, duration=duration, steps=steps, generator=torch.Generator().manual_seed(7),
+                              progress=False)
     assert ref_z.abs().max() > 1
     assert (z - ref_z).abs().max().item() <= GEN_TOL
     wav = pipe.decode(z, duration)
@@ -179,3 +178,37 @@ def test_diffusers_vae_folder_and_bf16(setup, tmp_path):
     a32, a16 = pipe.generate("rain", **kw), p2.generate("rain", **kw)
     assert a16.dtype == torch.float32 and a16.shape == a32.shape
     assert (a16 - a32).abs().max() < 0.1 * a32.abs().max()  # bf16 weights: same audio to ~1%
+
+
+class HashEncoder(TextEncoder):
+    """A stand-in text encoder (one random vector per character): any TextEncoder plugs in."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+        self.table = torch.nn.Parameter(torch.randn(256, dim))
+
+    def _encode(self, prompts, length):
+        ids = [[ord(c) % 256 for c in p] + [0] for p in prompts]
+        L = length or max(map(len, ids))
+        states = torch.zeros(len(ids), L, self.dim)
+        mask = torch.zeros(len(ids), L, dtype=torch.bool)
+        for i, row in enumerate(ids):
+            row = row[:L]
+            states[i, : len(row)] = self.table[row]
+            mask[i, : len(row)] = True
+        return states, mask
+
+
+def test_another_text_encoder_plugs_in(setup):
+    _, _, _, pipe = setup
+    other = TangoFlux(pipe.model, pipe.vae, HashEncoder(TINY_MODEL["joint_attention_dim"]))
+    noise = torch.randn(2, T, 64)
+    kw = dict(duration=1.0, steps=2, progress=False)
+    batch = other.generate(["ab", "abcd"], latents=noise, **kw)
+    one = other.generate("abcd", latents=noise[1:], **kw)
+    assert batch.shape == (2, 2, SR) and (batch[1:] - one).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="width"):
+        TangoFlux(pipe.model, pipe.vae, HashEncoder(8))
+    with pytest.raises(TypeError, match="TextEncoder"):
+        TangoFlux(pipe.model, pipe.vae, object())

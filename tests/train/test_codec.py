@@ -139,13 +139,13 @@ def test_balancer_shares_the_gradient_by_weight():
 def test_trainer_loss_goes_down_and_exports(audio_dir, tmp_path):
     # reconstruction only (no discriminator) so the curve is not a two-player game's
     out = tmp_path / "run"
-    trainer = CodecTrainer(_config(out, audio_dir, 30, adversarial=False, bandwidth_sampling=False))
+    trainer = CodecTrainer(_config(out, audio_dir, 20, lr=5e-3, adversarial=False, bandwidth_sampling=False))
     trainer.fit()
     recs = _log(out)
-    assert [r["step"] for r in recs] == list(range(1, 31))
+    assert [r["step"] for r in recs] == list(range(1, 21))
     first = sum(r["mel"] for r in recs[:3]) / 3
     last = sum(r["mel"] for r in recs[-3:]) / 3
-    assert last < 0.7 * first, (first, last)  # measured ~80 -> ~33
+    assert last < 0.75 * first, (first, last)  # measured ~75 -> ~38-50 (random crops make it noisy)
     assert {"l1", "mel", "commit", "codebook_usage", "dead_codes_replaced", "grad_norm", "lr"} <= set(recs[0])
     # the export is a transformers-layout EnCodec the inference model (and the CLI) load
     model = EncodecModel.from_pretrained(out / "encodec")
@@ -153,7 +153,7 @@ def test_trainer_loss_goes_down_and_exports(audio_dir, tmp_path):
     trained = trainer.model.codec.eval()
     wav = 0.3 * torch.randn(1, 1, 800)
     assert torch.equal(model.encode(wav), trained.encode(wav))
-    assert (out / "final.safetensors").is_file() and latest_checkpoint_name(out) == "step_30.pt"
+    assert (out / "final.safetensors").is_file() and latest_checkpoint_name(out) == "step_20.pt"
 
 
 def latest_checkpoint_name(out) -> str:
@@ -190,6 +190,13 @@ def test_gan_training_resumes_exactly(audio_dir, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     ck = torch.load(tmp_path / "cut" / "checkpoints" / "step_4.pt", weights_only=True)
     assert {"disc", "disc_opt", "balancer"} <= set(ck["extra"])
+
+
+def test_bf16_autocast_runs(audio_dir, tmp_path):
+    # bf16 autocast through the codec, the quantiser (fp32 distances and EMA) and the discriminator
+    CodecTrainer(_config(tmp_path, audio_dir, 2, precision="bf16")).fit()
+    recs = _log(tmp_path)
+    assert len(recs) == 2 and all(math.isfinite(r[k]) for r in recs for k in ("mel", "adv", "feat", "d_loss", "commit"))
 
 
 def test_config_errors(audio_dir, tmp_path):

@@ -40,11 +40,16 @@ class DBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-1] // self.factor
-        residual = _resample(self.residual(x), size, self.mode)
-        h = _resample(x, size, self.mode)
-        for conv in self.convs:
-            h = conv(F.leaky_relu(h, _SLOPE))
-        return h.add_(residual)
+        x = _resample(x, size, self.mode)
+        # The 1x1 conv and the resampling commute (both linear, on different axes; resampling keeps
+        # constants): the residual conv runs at the low rate on the already-resampled input.
+        residual = self.residual(x)
+        h = F.leaky_relu(x, _SLOPE)
+        last = len(self.convs) - 1
+        for i, conv in enumerate(self.convs):
+            # Each conv's leaky ReLU (or the last one's residual sum) is fused into the conv.
+            h = conv.fused(h, add=residual if i == last else None, slope=None if i == last else _SLOPE)
+        return h
 
 
 class UBlock(nn.Module):
@@ -65,11 +70,11 @@ class UBlock(nn.Module):
         # The 1x1 conv and the resampling commute (both linear, on different axes): conv at the low rate.
         residual = _resample(self.residual(x), size, self.mode)
         h = self.up_conv(_resample(F.leaky_relu(x, _SLOPE), size, self.mode))
-        h = self.convs[0](film_modulate(h, shift, scale, slope=_SLOPE))
-        x = h.add_(residual)
+        # The residual sums are fused into the convs that precede them (out of place: x is saved
+        # by the modulation's autograd).
+        x = self.convs[0].fused(film_modulate(h, shift, scale, slope=_SLOPE), add=residual)
         h = self.convs[1](film_modulate(x, shift, scale, slope=_SLOPE))
-        h = self.convs[2](film_modulate(h, shift, scale, slope=_SLOPE))
-        return x + h  # not in place: x is saved by the modulation's autograd
+        return self.convs[2].fused(film_modulate(h, shift, scale, slope=_SLOPE), add=x)
 
 
 class WaveGradNet(nn.Module):

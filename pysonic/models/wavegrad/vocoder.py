@@ -18,9 +18,19 @@ from pysonic.models.wavegrad.mel import MelSpectrogram
 from pysonic.models.wavegrad.model import WaveGradNet, to_channels_last
 from pysonic.models.wavegrad.schedules import fibonacci_betas, linear_betas
 
-# Noise schedules shipped with the package, by iteration count (betas, float64). Searched
-# schedules are added here once produced by pysonic's own search.
-PACKAGED_SCHEDULES: dict[int, Sequence[float]] = {}
+# Noise schedules shipped with the package (schedules.json beside this file), by iteration count.
+# Each was produced by pysonic's own search (pysonic.models.wavegrad.search); the file records how.
+SCHEDULE_FILE = Path(__file__).with_name("schedules.json")
+
+
+def _packaged_schedules() -> dict[int, Sequence[float]]:
+    if not SCHEDULE_FILE.is_file():
+        return {}
+    obj = json.loads(SCHEDULE_FILE.read_text())
+    return {int(n): entry["betas"] for n, entry in obj["schedules"].items()}
+
+
+PACKAGED_SCHEDULES: dict[int, Sequence[float]] = _packaged_schedules()
 
 
 def check_betas(betas, *, where: str = "WaveGrad.generate") -> torch.Tensor:
@@ -246,37 +256,34 @@ class WaveGrad(nn.Module):
             return torch.randn(batch, length, generator=generator, device=device, dtype=torch.float32)
 
         coefs = step_coefficients(betas, self.config.clip)
-        # Inference layout: [B, C, 1, T] channels-last activations in `dtype`, weights cached once.
+        # Inference layout: [B, C, 1, T] channels-last activations in `dtype`. The weights are
+        # cached in that layout and dtype across calls until they change (net.prepare(None) frees them).
         self.net.prepare(dtype)
-        try:
-            mel_features = self.net.encode_mel(to_channels_last(mel, dtype))
-            x = draw(0)
-            steps = range(iterations - 1, -1, -1)
-            if progress:
-                from tqdm import tqdm
+        mel_features = self.net.encode_mel(to_channels_last(mel, dtype))
+        x = draw(0)
+        steps = range(iterations - 1, -1, -1)
+        if progress:
+            from tqdm import tqdm
 
-                steps = tqdm(steps, desc="WaveGrad", total=iterations)
-            for k, n in enumerate(steps):
-                x = self._iteration(x, n, k, coefs[n], mel_features, draw, backend)
-        finally:
-            self.net.prepare(None)
+            steps = tqdm(steps, desc="WaveGrad", total=iterations)
+        for k, n in enumerate(steps):
+            x = self._iteration(x, n, k, coefs[n], mel_features, draw, backend)
         return x
 
     def _iteration(self, x, n, k, c, mel_features, draw, backend):
-        """One denoising iteration at step n (the k-th done): network, then the fused update(s)."""
+        """One denoising iteration at step n (the k-th done): the network, then one fused update."""
         batch = x.shape[0]
         level = torch.full((batch,), c["level"], device=x.device, dtype=torch.float32)
         eps = self.net(x, None, level, mel_features=mel_features, channels_last=True).to(torch.float32)
         step_noise = draw(k + 1) if n > 0 else None
         if self.config.clip == "output":
-            # LMNT: x <- clamp(c1 * (x - c2 * eps) + sigma * z, -1, 1); one fused op.
+            # LMNT: x <- clamp(c1 * (x - c2 * eps) + sigma * z, -1, 1).
             x = ops.diffusion_step(x, eps, step_noise, c["c1"], c["c2"], c["sigma"], clip=1.0, backend=backend)
         else:
             # ivanvovk (clip_denoised): y0 = clamp((x - sqrt(1 - ab) * eps) / sqrt(ab), -1, 1), then the
-            # posterior mean coef1 * y0 + coef2 * x plus sigma * z. Unclamped, this equals the c1/c2 update;
-            # the clamp sits between the two affine maps, so it takes two fused steps.
-            y0 = ops.diffusion_step(x, eps, None, c["y0_c1"], c["y0_c2"], 0.0, clip=1.0, backend=backend)
-            x = ops.diffusion_step(y0, x, step_noise, c["coef1"], -c["coef2"] / c["coef1"], c["sigma"], backend=backend)
+            # posterior mean coef1 * y0 + coef2 * x plus sigma * z.
+            x = ops.diffusion_step_x0(x, eps, step_noise, c["y0_c1"], c["y0_c2"], c["coef1"], c["coef2"], c["sigma"],
+                                      clip=1.0, backend=backend)
         return x
 
 

@@ -119,3 +119,17 @@ def make_release(path: Path, t5_dir: Path, *, perturb: float = 0.5, seed: int = 
     else:  # diffusers directory inside the release
         vae.save_pretrained(path / "vae")
     return model, vae
+
+
+_SHARED: dict[str, tuple] = {}
+
+
+def shared_release(tmp_path_factory, vae_layout: str = "file"):
+    """One tiny release (and T5) per test session and VAE layout, shared by the test modules:
+    returns (release dir, T5 dir, package model, diffusers VAE). Tests must not modify them."""
+    if vae_layout not in _SHARED:
+        root = tmp_path_factory.mktemp(f"tangoflux_release_{vae_layout}")
+        t5 = make_t5(root / "t5")
+        pkg, vae = make_release(root / "release", t5, vae_layout=vae_layout)
+        _SHARED[vae_layout] = (root / "release", t5, pkg, vae)
+    return _SHARED[vae_layout]

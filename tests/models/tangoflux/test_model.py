@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from pysonic.checkpoints import CheckpointError
 from pysonic.models.tangoflux import FluxTransformerConfig, TangoFluxConfig, TangoFluxModel
-from tests.models.tangoflux.release import TINY_MODEL, make_release, make_t5
+from tests.models.tangoflux.release import TINY_MODEL, shared_release
 from tests.ops.utils import low_precision_close
 
 TOL = 1e-4  # fp32 max abs: same math, different summation orders (fused attention / qkv)
@@ -19,11 +19,8 @@ TOL = 1e-4  # fp32 max abs: same math, different summation orders (fused attenti
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tangoflux")
-    t5 = make_t5(root / "t5")
-    pkg, _ = make_release(root / "release", t5)
-    ours = TangoFluxModel.from_pretrained(root / "release")
-    return root / "release", pkg, ours
+    path, _, pkg, _ = shared_release(tmp_path_factory)
+    return path, pkg, TangoFluxModel.from_pretrained(path)
 
 
 def _package_velocity(pkg, latents, sigma, states, mask, duration):
@@ -84,6 +81,23 @@ def test_bf16_autocast_within_flash_attention_rule(release):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             ref16 = _package_velocity(pkg, x["latents"], x["sigma"], x["text_states"], x["text_mask"], x["duration"])
             out = ours.velocity(**x)
+    low_precision_close(out, ref32, ref16)
+
+
+def test_bf16_weights_within_flash_attention_rule(release):
+    """The pipeline's dtype=torch.bfloat16 runs the model with bf16 weights (faster than autocast
+    on this CPU): its error against fp32 is within 2x the package's under plain bf16 autocast."""
+    import copy
+
+    _, pkg, ours = release
+    x = _inputs()
+    ours16 = copy.deepcopy(ours).to(torch.bfloat16)
+    with torch.no_grad():
+        ref32 = _package_velocity(pkg, x["latents"], x["sigma"], x["text_states"], x["text_mask"], x["duration"])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref16 = _package_velocity(pkg, x["latents"], x["sigma"], x["text_states"], x["text_mask"], x["duration"])
+        out = ours16.velocity(**x)
+    assert out.dtype == torch.bfloat16
     low_precision_close(out, ref32, ref16)
 
 
