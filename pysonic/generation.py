@@ -72,7 +72,7 @@ def load_pipeline(checkpoint: str | Path | None = None, *, text_encoder: str | P
         if pipe is None:
             pipe = TangoFlux.from_pretrained(path, text_encoder=text_encoder, dtype=dtype, device=device)
             _CACHE[key] = pipe
-            if checkpoint is None and not DEFAULT_MODEL_FOLLOWS_PROMPTS:
+            if path.resolve() == default_model_dir().resolve() and not DEFAULT_MODEL_FOLLOWS_PROMPTS:
                 warnings.warn(PREVIEW_WARNING, UserWarning, stacklevel=3)
     return pipe
 

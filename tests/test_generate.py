@@ -104,3 +104,6 @@ def test_preview_model_warns_once_per_pipeline(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         generation.load_pipeline()  # cached: no second warning
+    monkeypatch.setattr(generation, "_CACHE", {})
+    with pytest.warns(UserWarning, match="does not follow prompts"):
+        generation.load_pipeline(SHIPPED)  # named explicitly (as the CLI does): same warning
