@@ -38,11 +38,7 @@ def flow_step(x, v_cond, v_uncond=None, dt: float = 0.0, guidance_scale: float =
     chosen = resolve(op, backend, device)
     if chosen == "reference":
         return reference.flow_step(x, v_cond, v_uncond, dt, guidance_scale)
-    if chosen == "triton":
-        from pysonic.ops import _triton
-
-        return _triton.get(op)(x, v_cond, v_uncond, dt, guidance_scale)
-    return torch.ops.pysonic.flow_step(x, v_cond, v_uncond, dt, guidance_scale)
+    return _dispatch(op, chosen, (x, v_cond, v_uncond, dt, guidance_scale))
 
 
 def _coefficient(op, name, value, x):
@@ -55,6 +51,31 @@ def _coefficient(op, name, value, x):
             raise ValueError(f"{op}: {name} is on {value.device} but x is on {x.device}")
         return value.to(torch.float32).reshape(-1).expand(batch)
     return torch.full((batch,), float(value), dtype=torch.float32, device=x.device)
+
+
+def _check_diffusion(op, x, eps, noise, clip):
+    """The argument checks both diffusion updates share; returns the device."""
+    _checks.tensor(op, "x", x, dtypes=_checks.FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have a batch dimension, got a scalar")
+    _checks.tensor(op, "eps", eps)
+    if noise is not None:
+        _checks.tensor(op, "noise", noise)
+    device = _checks.same_device(op, x=x, eps=eps, noise=noise)
+    _checks.same_dtype(op, x=x, eps=eps, noise=noise)
+    _checks.same_shape(op, x=x, eps=eps, noise=noise)
+    if clip is not None and not clip >= 0:
+        raise ValueError(f"{op}: clip must be a number >= 0, got {clip}")
+    return device
+
+
+def _dispatch(op, chosen, args):
+    """Run ``op`` on the Triton kernel or the registered C++/CUDA kernel."""
+    if chosen == "triton":
+        from pysonic.ops import _triton
+
+        return _triton.get(op)(*args)
+    return getattr(torch.ops.pysonic, op)(*args)
 
 
 def diffusion_step(x, eps, noise=None, c1=1.0, c2=0.0, sigma=0.0, *, clip: float | None = None, backend: str = "auto"):
@@ -72,27 +93,12 @@ def diffusion_step(x, eps, noise=None, c1=1.0, c2=0.0, sigma=0.0, *, clip: float
         The updated sample, same shape and dtype as ``x`` (contiguous).
     """
     op = "diffusion_step"
-    _checks.tensor(op, "x", x, dtypes=_checks.FLOAT_DTYPES)
-    if x.dim() == 0:
-        raise ValueError(f"{op}: x must have a batch dimension, got a scalar")
-    _checks.tensor(op, "eps", eps)
-    if noise is not None:
-        _checks.tensor(op, "noise", noise)
-    device = _checks.same_device(op, x=x, eps=eps, noise=noise)
-    _checks.same_dtype(op, x=x, eps=eps, noise=noise)
-    _checks.same_shape(op, x=x, eps=eps, noise=noise)
-    if clip is not None and not clip >= 0:
-        raise ValueError(f"{op}: clip must be a number >= 0, got {clip}")
+    device = _check_diffusion(op, x, eps, noise, clip)
     chosen = resolve(op, backend, device)
     if chosen == "reference":
         return reference.diffusion_step(x, eps, noise, c1, c2, sigma, clip)
     c1, c2, sigma = (_coefficient(op, n, c, x) for n, c in (("c1", c1), ("c2", c2), ("sigma", sigma)))
-    args = (x, eps, noise, c1, c2, sigma, None if clip is None else float(clip))
-    if chosen == "triton":
-        from pysonic.ops import _triton
-
-        return _triton.get(op)(*args)
-    return torch.ops.pysonic.diffusion_step(*args)
+    return _dispatch(op, chosen, (x, eps, noise, c1, c2, sigma, None if clip is None else float(clip)))
 
 
 def diffusion_step_x0(x, eps, noise=None, c1=1.0, c2=0.0, coef_x0=1.0, coef_x=0.0, sigma=0.0, *,
@@ -120,28 +126,13 @@ def diffusion_step_x0(x, eps, noise=None, c1=1.0, c2=0.0, coef_x0=1.0, coef_x=0.
         The updated sample, same shape and dtype as ``x`` (contiguous).
     """
     op = "diffusion_step_x0"
-    _checks.tensor(op, "x", x, dtypes=_checks.FLOAT_DTYPES)
-    if x.dim() == 0:
-        raise ValueError(f"{op}: x must have a batch dimension, got a scalar")
-    _checks.tensor(op, "eps", eps)
-    if noise is not None:
-        _checks.tensor(op, "noise", noise)
-    device = _checks.same_device(op, x=x, eps=eps, noise=noise)
-    _checks.same_dtype(op, x=x, eps=eps, noise=noise)
-    _checks.same_shape(op, x=x, eps=eps, noise=noise)
-    if clip is not None and not clip >= 0:
-        raise ValueError(f"{op}: clip must be a number >= 0, got {clip}")
+    device = _check_diffusion(op, x, eps, noise, clip)
     names = ("c1", "c2", "coef_x0", "coef_x", "sigma")
     coefs = [_coefficient(op, n, c, x) for n, c in zip(names, (c1, c2, coef_x0, coef_x, sigma))]
     chosen = resolve(op, backend, device)
     if chosen == "reference":
         return reference.diffusion_step_x0(x, eps, noise, *coefs, None if clip is None else float(clip))
-    args = (x, eps, noise, *coefs, None if clip is None else float(clip))
-    if chosen == "triton":
-        from pysonic.ops import _triton
-
-        return _triton.get(op)(*args)
-    return torch.ops.pysonic.diffusion_step_x0(*args)
+    return _dispatch(op, chosen, (x, eps, noise, *coefs, None if clip is None else float(clip)))
 
 
 if _ext._C is not None:  # shapes for torch.compile / fake tensors
