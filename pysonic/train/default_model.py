@@ -19,7 +19,7 @@ Config (YAML or JSON), every key checked (unknown keys are an error naming them)
     model_dir: /work/runs/default/model  # the packaged model (default <out_dir>/model)
     data: {sample_rate: 16000, duration: [1.0, 5.0], seed: 0}       # SonicSynth (train split)
     text_encoder: {encoder: {dim, layers, heads, max_tokens}, vocab_captions: N, train: {TrainConfig}}
-    vae: {model: {OobleckConfig}, train: {VAETrainConfig without out_dir}}
+    vae: {model: {OobleckConfig}, train: {VAETrainConfig without out_dir}, kinds: [...], scale_items: 64}
     flow: {model: {TangoFluxConfig}, train: {FlowMatchingConfig without out_dir}}
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ STAGES = ("text", "vae", "flow", "package")
 _TOP = {"out_dir", "model_dir", "data", "text_encoder", "vae", "flow"}
 _DATA = {"sample_rate", "duration", "seed"}
 _TEXT = {"encoder", "vocab_captions", "train"}
-_VAE = {"model", "train", "kinds"}
+_VAE = {"model", "train", "kinds", "scale_items"}
 _FLOW = {"model", "train", "items", "cache_latents"}
 
 
@@ -138,16 +138,53 @@ def stage_vae(cfg: Mapping[str, Any], log=print) -> Path:
     torch_seed(tcfg.seed)
     logs = VAETrainer(vae, tcfg, _synth(cfg, kinds=cfg["vae"].get("kinds"))).fit()
     log(f"[vae] done: {logs}")
+    scale = measure_latent_scale(cfg, load_vae(cfg, scaled=False))
+    log(f"[vae] latent scaling_factor {scale:.4g} -> {d / LATENT_SCALE_FILE}")
     return d / "final.safetensors"
 
 
-def load_vae(cfg: Mapping[str, Any]):
+LATENT_SCALE_FILE = "latent_scale.json"
+
+
+def measure_latent_scale(cfg: Mapping[str, Any], vae, log=print) -> float:
+    """``1 / std`` of the VAE's posterior means over the first ``vae.scale_items`` (64) SonicSynth
+    items at their own level, written to ``vae/latent_scale.json``: the flow model then learns
+    latents of unit spread (its ``N(0, 1)`` start), which the VAE's small KL does not ensure."""
+    import torch
+
+    from pysonic.data.manifest import fit_channels
+
+    synth = _synth(cfg)
+    n = int(cfg["vae"].get("scale_items", 64))
+    sq, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(n):
+            wav = fit_channels(synth[i]["audio"], vae.config.audio_channels)[None].to(vae._dtype())
+            mean, _ = vae.encode_distribution(wav)
+            sq += float(mean.double().pow(2).sum())
+            count += mean.numel()
+    std = (sq / count) ** 0.5
+    if not std > 0:
+        raise RuntimeError("train default: the VAE's latents are all zero; cannot scale them")
+    path = _dirs(cfg)["vae"] / LATENT_SCALE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"scaling_factor": 1.0 / std, "items": n, "latent_rms": std}))
+    tmp.replace(path)
+    return 1.0 / std
+
+
+def load_vae(cfg: Mapping[str, Any], *, scaled: bool = True):
+    """The trained VAE; with ``scaled``, its ``scaling_factor`` from ``vae/latent_scale.json``."""
     from pysonic.checkpoints import load_into, read_state_dict
 
     path = _dirs(cfg)["vae"] / "final.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"train default: {path} not found: run the 'vae' stage first")
-    vae = build_vae(cfg["vae"]["model"])
+    spec = dict(cfg["vae"]["model"])
+    scale_file = path.with_name(LATENT_SCALE_FILE)
+    if scaled and scale_file.is_file():
+        spec["scaling_factor"] = float(json.loads(scale_file.read_text())["scaling_factor"])
+    vae = build_vae(spec)
     load_into(vae, read_state_dict(path), source=str(path))
     return vae.eval()
 
@@ -247,7 +284,9 @@ def stage_flow(cfg: Mapping[str, Any], log=print) -> Path:
     if cfg["flow"].get("cache_latents", False):
         import hashlib
 
-        digest = hashlib.sha256((_dirs(cfg)["vae"] / "final.safetensors").read_bytes()).hexdigest()[:16]
+        h = hashlib.sha256((_dirs(cfg)["vae"] / "final.safetensors").read_bytes())
+        h.update(repr(vae.config.scaling_factor).encode())
+        digest = h.hexdigest()[:16]
         cache = d / f"latents_{digest}_{tcfg.seed}_{tcfg.max_audio_duration:g}_{int(tcfg.sample_posterior)}"
     data = SynthLatents(synth, vae, max_duration=tcfg.max_audio_duration, seed=tcfg.seed,
                         sample_posterior=tcfg.sample_posterior, cache_dir=cache)

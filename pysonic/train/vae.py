@@ -157,7 +157,7 @@ class VAETrainModule(nn.Module):
     def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None):
         mean, std = self.vae.encode_distribution(x)
         z = mean if eps is None else mean + std * eps.to(std.dtype)
-        y = self.vae.decoder(z.to(self.vae._dtype()))[..., : x.shape[-1]]
+        y = self.vae.decoder(self.vae.unpack(z.to(self.vae._dtype())))[..., : x.shape[-1]]
         return y, mean, std
 
 

@@ -193,3 +193,61 @@ def test_mismatched_checkpoint_names_tensor(reference, tmp_path):
     with pytest.raises(CheckpointError) as err:
         OobleckVAE.from_pretrained(tmp_path / "vae.safetensors", config=OobleckConfig(**SMALL))
     assert "encoder.conv2.weight_g" in str(err.value) and "decoder.conv1.bias" in str(err.value)
+
+
+# ---------------------------------------------------------------- pysonic extensions: packing, scale
+
+def _packed_twin(pair, p, s):
+    """Our loaded model and a twin with the same weights and latent_packing=p, scaling_factor=s."""
+    import dataclasses
+
+    _, ours = pair
+    twin = OobleckVAE(dataclasses.replace(ours.config, latent_packing=p, scaling_factor=s)).eval()
+    twin.load_state_dict(ours.state_dict())
+    return ours, twin
+
+
+def test_packing_stacks_frames_into_channels(pair):
+    ours, twin = _packed_twin(pair, 4, 0.5)
+    assert twin.hop_length == 4 * ours.hop_length and twin.config.latent_channels == 16
+    wav = torch.randn(2, 2, ours.hop_length * 8)
+    with torch.no_grad():
+        mean, std = ours.encode_distribution(wav)  # [2, 4, 8]
+        pmean, pstd = twin.encode_distribution(wav)  # [2, 16, 2]
+    assert pmean.shape == (2, 16, 2)
+    # channel c * p + j of latent frame t is channel c of encoder frame t * p + j, times the scale
+    for c in range(4):
+        for j in range(4):
+            assert torch.equal(pmean[:, c * 4 + j], 0.5 * mean[:, c, j::4])
+            assert torch.equal(pstd[:, c * 4 + j], 0.5 * std[:, c, j::4])
+    with torch.no_grad():
+        assert (twin.decode(pmean) - ours.decode(mean)).abs().max() <= CHUNK_TOL
+        assert torch.equal(twin.unpack(twin.pack(mean)), mean)
+
+
+def test_packed_encode_pads_to_whole_latent_frames(pair):
+    ours, twin = _packed_twin(pair, 3, 1.0)
+    n = twin.hop_length * 2 + 5
+    with torch.no_grad():
+        z = twin.encode(torch.randn(1, 2, n))
+    assert z.shape == (1, 12, 3)
+
+
+@pytest.mark.parametrize("frames,chunk", [((0, 10), None), ((3, 7), None), ((0, 10), 3), ((2, 9), 2)])
+def test_packed_frame_range_and_chunks_are_exact(pair, frames, chunk):
+    _, twin = _packed_twin(pair, 4, 2.0)
+    z = torch.randn(1, 16, 10)
+    a, b = frames
+    hop = twin.hop_length
+    with torch.no_grad():
+        full = twin.decode(z)
+        got = twin.decode(z, frames=frames, chunk_frames=chunk)
+    assert full.shape[-1] == 10 * hop
+    assert (got - full[..., a * hop : b * hop]).abs().max() <= CHUNK_TOL
+
+
+@pytest.mark.parametrize("field,value", [("latent_packing", 0), ("latent_packing", 2.0), ("scaling_factor", 0.0),
+                                         ("scaling_factor", float("nan"))])
+def test_bad_packing_or_scale(field, value):
+    with pytest.raises(ValueError, match=field):
+        OobleckConfig(**{**SMALL, field: value})

@@ -13,10 +13,12 @@ TINY = {
     "text_encoder": {"encoder": {"dim": 16, "layers": 1, "heads": 2, "max_tokens": 32}, "vocab_captions": 200,
                      "train": {"steps": 2, "batch_size": 4, "lr": 1e-3, "progress": False}},
     "vae": {"model": {"encoder_hidden_size": 4, "downsampling_ratios": [2, 4, 8, 8], "channel_multiples": [1, 1, 2, 2],
-                      "decoder_channels": 4, "decoder_input_channels": 2, "audio_channels": 1, "sampling_rate": 16000},
+                      "decoder_channels": 4, "decoder_input_channels": 2, "audio_channels": 1, "sampling_rate": 16000,
+                      "latent_packing": 2},  # hop 1024, 4 latent channels
+            "scale_items": 3,
             "train": {"steps": 2, "batch_size": 2, "crop_seconds": 0.064, "progress": False}},
-    "flow": {"model": {"num_layers": 1, "num_single_layers": 1, "in_channels": 2, "attention_head_dim": 16,
-                       "num_attention_heads": 1, "joint_attention_dim": 16, "audio_seq_len": 48, "max_duration": 1.536,
+    "flow": {"model": {"num_layers": 1, "num_single_layers": 1, "in_channels": 4, "attention_head_dim": 16,
+                       "num_attention_heads": 1, "joint_attention_dim": 16, "audio_seq_len": 24, "max_duration": 1.536,
                        "duration_features": 8, "axes_dims_rope": [4, 6, 6]},
              "items": 6, "cache_latents": True,
              "train": {"steps": 3, "batch_size": 2, "max_audio_duration": 1.536, "uncondition": True,
@@ -58,6 +60,17 @@ def test_recipe_end_to_end(tmp_path):
                      "text_encoder/config.json", "text_encoder/model.safetensors"}
     assert json.loads((model / "text_encoder" / "config.json").read_text())["type"] == "word_text_encoder"
 
+    # the latent scale measured after the VAE stage is the packaged VAE's scaling_factor, and it
+    # gives the first items' latents unit rms (what the flow model was trained on)
+    scale = json.loads((run / "vae" / dm.LATENT_SCALE_FILE).read_text())["scaling_factor"]
+    vcfg = json.loads((model / "vae" / "config.json").read_text())
+    assert vcfg["scaling_factor"] == pytest.approx(scale) and vcfg["latent_packing"] == 2
+    vae = dm.load_vae(cfg)
+    synth = dm._synth(cfg)
+    with torch.no_grad():
+        means = torch.cat([vae.encode_distribution(synth[i]["audio"][None])[0].flatten() for i in range(3)])
+    assert means.pow(2).mean().sqrt().item() == pytest.approx(1.0, rel=1e-4)
+
     pipe = TangoFlux.from_pretrained(model)  # no other argument
     assert pipe.sample_rate == 16000 and pipe.model.config.axes_dims_rope == (4, 6, 6)
     g = torch.Generator().manual_seed(0)
@@ -86,7 +99,7 @@ def test_latents_are_a_function_of_the_index(tmp_path):
     a = dm.SynthLatents(synth, vae, max_duration=1.536, seed=3)
     b = dm.SynthLatents(synth, vae, max_duration=1.536, seed=3, cache_dir=tmp_path / "c")
     x, y = a[2], b[2]
-    assert x["latents"].shape == (48, 2) and x["caption"] == y["caption"]
+    assert x["latents"].shape == (24, 4) and x["caption"] == y["caption"]
     torch.testing.assert_close(x["latents"], y["latents"], rtol=0, atol=0)
     torch.testing.assert_close(b[2]["latents"], y["latents"], rtol=0, atol=0)  # read back from the cache
     mean = dm.SynthLatents(synth, vae, max_duration=1.536, seed=3, sample_posterior=False)[2]["latents"]
