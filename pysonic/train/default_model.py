@@ -19,7 +19,8 @@ Config (YAML or JSON), every key checked (unknown keys are an error naming them)
     model_dir: /work/runs/default/model  # the packaged model (default <out_dir>/model)
     data: {sample_rate: 16000, duration: [1.0, 5.0], seed: 0}       # SonicSynth (train split)
     text_encoder: {encoder: {dim, layers, heads, max_tokens}, vocab_captions: N, train: {TrainConfig}}
-    vae: {model: {OobleckConfig}, train: {VAETrainConfig without out_dir}, kinds: [...], scale_items: 64}
+    vae: {model: {OobleckConfig}, train: {VAETrainConfig without out_dir}, kinds: [...], scale_items: 64,
+          refine: {steps: N, <VAETrainConfig loss fields>}}
     flow: {model: {TangoFluxConfig}, train: {FlowMatchingConfig without out_dir}}
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ STAGES = ("text", "vae", "flow", "package")
 _TOP = {"out_dir", "model_dir", "data", "text_encoder", "vae", "flow"}
 _DATA = {"sample_rate", "duration", "seed"}
 _TEXT = {"encoder", "vocab_captions", "train"}
-_VAE = {"model", "train", "kinds", "scale_items"}
+_VAE = {"model", "train", "kinds", "scale_items", "refine"}
 _FLOW = {"model", "train", "items", "cache_latents"}
 
 
@@ -55,6 +56,13 @@ def check_config(cfg: Mapping[str, Any]) -> None:
     _check_keys("text_encoder", cfg["text_encoder"], _TEXT, {"train"})
     _check_keys("vae", cfg["vae"], _VAE, {"model", "train"})
     _check_keys("flow", cfg["flow"], _FLOW, {"model", "train"})
+    refine = cfg["vae"].get("refine")
+    if refine is not None:
+        if not isinstance(refine, Mapping) or not isinstance(refine.get("steps"), int) or refine["steps"] < 1:
+            raise ValueError("train default: vae.refine must be a mapping with an integer 'steps' >= 1 "
+                             f"(and VAETrainConfig fields to change), got {refine!r}")
+        if "out_dir" in refine:
+            raise ValueError("train default: vae.refine.out_dir is set by the driver (<out_dir>/vae)")
     for sec in ("text_encoder", "vae", "flow"):
         if "out_dir" in cfg[sec]["train"]:
             raise ValueError(f"train default: {sec}.train.out_dir is set by the driver (<out_dir>/{sec.split('_')[0]})")
@@ -134,10 +142,21 @@ def stage_vae(cfg: Mapping[str, Any], log=print) -> Path:
     vae = build_vae(cfg["vae"]["model"])
     if vae.sampling_rate != _synth(cfg).sample_rate:
         raise ValueError(f"train default: vae.model.sampling_rate {vae.sampling_rate} differs from data.sample_rate")
-    tcfg = VAETrainConfig.from_dict({**cfg["vae"]["train"], "out_dir": str(d)})
+    train = dict(cfg["vae"]["train"])
+    tcfg = VAETrainConfig.from_dict({**train, "out_dir": str(d)})
     torch_seed(tcfg.seed)
-    logs = VAETrainer(vae, tcfg, _synth(cfg, kinds=cfg["vae"].get("kinds"))).fit()
+    data = _synth(cfg, kinds=cfg["vae"].get("kinds"))
+    logs = VAETrainer(vae, tcfg, data).fit()
     log(f"[vae] done: {logs}")
+    refine = dict(cfg["vae"].get("refine") or {})
+    if refine:
+        # the same run continued for refine.steps more steps with refine's loss settings (its LR
+        # schedule spans both phases): spectral terms help the high pitches once the decoder
+        # follows its input, but made it collapse when on from the start (measured)
+        extra = int(refine.pop("steps"))
+        tcfg = VAETrainConfig.from_dict({**train, **refine, "steps": tcfg.steps + extra, "out_dir": str(d)})
+        logs = VAETrainer(vae, tcfg, data).fit()
+        log(f"[vae] refined: {logs}")
     scale = measure_latent_scale(cfg, load_vae(cfg, scaled=False))
     log(f"[vae] latent scaling_factor {scale:.4g} -> {d / LATENT_SCALE_FILE}")
     return d / "final.safetensors"

@@ -15,7 +15,7 @@ TINY = {
     "vae": {"model": {"encoder_hidden_size": 4, "downsampling_ratios": [2, 4, 8, 8], "channel_multiples": [1, 1, 2, 2],
                       "decoder_channels": 4, "decoder_input_channels": 2, "audio_channels": 1, "sampling_rate": 16000,
                       "latent_packing": 2},  # hop 1024, 4 latent channels
-            "scale_items": 3,
+            "scale_items": 3, "refine": {"steps": 1, "stft_weight": 0.1},
             "train": {"steps": 2, "batch_size": 2, "crop_seconds": 0.064, "progress": False}},
     "flow": {"model": {"num_layers": 1, "num_single_layers": 1, "in_channels": 4, "attention_head_dim": 16,
                        "num_attention_heads": 1, "joint_attention_dim": 16, "audio_seq_len": 24, "max_duration": 1.536,
