@@ -21,12 +21,14 @@ import torch
 
 __all__ = ["generate", "Generated", "default_model_dir", "load_pipeline", "DEFAULT_STEPS", "DEFAULT_GUIDANCE"]
 
-# The shipped weights are a first training run whose VAE collapsed (see assets/default/MODEL_CARD.md):
-# the pipeline runs end to end but the audio does not follow the prompt. Users are told so, once
-# per loaded pipeline, until a model that passes SynthBench replaces it.
+# The shipped weights are a second training run (see assets/default/MODEL_CARD.md): its VAE
+# reconstructs tones, but the flow model, trained for the time one session allowed, does not yet
+# render a prompt's pitch. Users are told so, once per loaded pipeline, until a model that meets the
+# SynthBench target replaces it.
 DEFAULT_MODEL_FOLLOWS_PROMPTS = False
-PREVIEW_WARNING = ("pysonic: the shipped default model is a preview that does not follow prompts yet (its VAE did "
-                   "not train; see pysonic/assets/default/MODEL_CARD.md); pass checkpoint= for a trained model")
+PREVIEW_WARNING = ("pysonic: the shipped default model is a preview that does not follow prompts reliably yet "
+                   "(see pysonic/assets/default/MODEL_CARD.md for its SynthBench scores); pass checkpoint= "
+                   "for a trained model")
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 4.5
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
