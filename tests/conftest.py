@@ -29,3 +29,13 @@ def pytest_runtest_makereport(item, call):
         if not any(allowed in reason for allowed in ALLOWED_SKIP_REASONS):
             report.outcome = "failed"
             report.longrepr = f"skipped under PYSONIC_STRICT_SKIPS=1: {reason}"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models: on a loaded 2-core machine one thread runs
+    small convolutions and matmuls several times faster than two (no OpenMP waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -282,6 +282,16 @@ class SynthLatents(torch_dataset_base()):
         return out
 
 
+def latent_cache_name(vae_weights: Path, vae_config, tcfg) -> str:
+    """The latent cache's folder name: it belongs to these VAE weights *and* this latent layout
+    (scale, packing), and to the item crop (seed, duration, posterior sampling)."""
+    import hashlib
+
+    h = hashlib.sha256(Path(vae_weights).read_bytes())
+    h.update(repr((vae_config.scaling_factor, vae_config.latent_packing)).encode())
+    return f"latents_{h.hexdigest()[:16]}_{tcfg.seed}_{tcfg.max_audio_duration:g}_{int(tcfg.sample_posterior)}"
+
+
 def stage_flow(cfg: Mapping[str, Any], log=print) -> Path:
     from pysonic.train.flow_matching import FlowMatchingConfig, FlowMatchingTrainer
 
@@ -301,12 +311,7 @@ def stage_flow(cfg: Mapping[str, Any], log=print) -> Path:
         synth.length = int(cfg["flow"]["items"])
     cache = None
     if cfg["flow"].get("cache_latents", False):
-        import hashlib
-
-        h = hashlib.sha256((_dirs(cfg)["vae"] / "final.safetensors").read_bytes())
-        h.update(repr(vae.config.scaling_factor).encode())
-        digest = h.hexdigest()[:16]
-        cache = d / f"latents_{digest}_{tcfg.seed}_{tcfg.max_audio_duration:g}_{int(tcfg.sample_posterior)}"
+        cache = d / latent_cache_name(_dirs(cfg)["vae"] / "final.safetensors", vae.config, tcfg)
     data = SynthLatents(synth, vae, max_duration=tcfg.max_audio_duration, seed=tcfg.seed,
                         sample_posterior=tcfg.sample_posterior, cache_dir=cache)
     logs = FlowMatchingTrainer(model, tcfg, data, text_encoder=text, vae=vae).fit()

@@ -18,12 +18,7 @@ from tests.train.tangoflux_toy import CAPTIONS, MODEL_CONFIG, tiny_clap_dir, tin
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 def _files(tmp_path):

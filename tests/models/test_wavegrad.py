@@ -16,12 +16,7 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "wavegrad" / "ivanvovk_sma
 BETAS_3 = [1e-4, 1e-2, 0.2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions on a loaded machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

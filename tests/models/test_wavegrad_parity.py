@@ -26,13 +26,7 @@ GEN_ATOL = 1e-3  # 6-iteration generation with the same injected noise, max abs 
 BETAS_6 = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small convolutions on a shared, loaded machine: one thread avoids OpenMP waits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 def _fast_orthogonal(tensor, gain=1.0):

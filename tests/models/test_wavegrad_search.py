@@ -15,12 +15,7 @@ from pysonic.models.wavegrad.vocoder import PACKAGED_SCHEDULES, SCHEDULE_FILE
 DATA = Path(__file__).resolve().parents[1] / "data" / "wavegrad" / "ivanvovk_small"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pysonic.train.crpo import (
     run_crpo,
 )
 from pysonic.train.flow_matching import FlowMatchingConfig, FlowMatchingTrainer
+from tests.train.resume import check_resume_is_exact
 from tests.train.tangoflux_toy import (
     CAPTIONS,
     LatentData,
@@ -30,12 +31,7 @@ from tests.train.tangoflux_toy import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 def test_dpo_flow_loss_values():
@@ -108,20 +104,7 @@ def test_dpo_loss_goes_down_beta_2000(tmp_path):
 
 
 def test_dpo_resume_is_exact(tmp_path):
-    script_trainer(tmp_path / "ref", 4, stage="dpo").fit()
-    cut = script_trainer(tmp_path / "cut", 4, stage="dpo")
-
-    def stop(step, logs):
-        if step == 3:
-            raise KeyboardInterrupt
-
-    cut.on_log = stop
-    with pytest.raises(KeyboardInterrupt):
-        cut.fit()
-    script_trainer(tmp_path / "cut", 4, stage="dpo").fit()
-    a, b = load_file(tmp_path / "ref" / "final.safetensors"), load_file(tmp_path / "cut" / "final.safetensors")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    check_resume_is_exact(lambda out: script_trainer(out, 4, stage="dpo"), tmp_path)
 
 
 @pytest.mark.filterwarnings("ignore:At least one mel filter")  # the tiny CLAP feature extractor

@@ -106,6 +106,24 @@ def test_latents_are_a_function_of_the_index(tmp_path):
     assert not torch.equal(mean, x["latents"])
 
 
+def test_latent_cache_name_follows_the_latent_layout(tmp_path):
+    """Cached latents of one VAE packed 4 frames per latent must not be read back for packing 16."""
+    import dataclasses
+
+    from pysonic.train.flow_matching import FlowMatchingConfig
+
+    weights = tmp_path / "vae.safetensors"
+    weights.write_bytes(b"weights")
+    cfg = dm.build_vae(TINY["vae"]["model"]).config
+    tcfg = FlowMatchingConfig(out_dir=str(tmp_path), steps=1, max_audio_duration=1.536)
+    name = dm.latent_cache_name(weights, cfg, tcfg)
+    assert name == dm.latent_cache_name(weights, dataclasses.replace(cfg), tcfg)
+    for change in (dict(latent_packing=cfg.latent_packing + 1), dict(scaling_factor=2.0)):
+        assert dm.latent_cache_name(weights, dataclasses.replace(cfg, **change), tcfg) != name, change
+    weights.write_bytes(b"other weights")
+    assert dm.latent_cache_name(weights, cfg, tcfg) != name
+
+
 def test_model_config_rotary_axes():
     """The small model's head dim (64) needs its own rotary split: reachable from config.json."""
     from pysonic.models.tangoflux import TangoFluxConfig, TangoFluxModel

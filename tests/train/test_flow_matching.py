@@ -15,6 +15,7 @@ from pysonic.train.flow_matching import (
     example_generators,
     sample_sigmas,
 )
+from tests.train.resume import check_resume_is_exact
 from tests.train.tangoflux_toy import (
     AudioData,
     LatentData,
@@ -28,13 +29,7 @@ from tests.train.tangoflux_toy import (
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is several times faster than two on a loaded 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 def _cfg(tmp_path, steps, **kw):
@@ -122,21 +117,7 @@ def test_resume_is_exact(tmp_path):
         return FlowMatchingTrainer(tiny_model(), _cfg(out, 5, ckpt_every=2, uncondition=True, uncondition_prob=0.5, **kw),
                                    AudioData(), text_encoder=tiny_text_encoder(), vae=tiny_vae())
 
-    make(tmp_path / "ref").fit()
-    cut = make(tmp_path / "cut")
-
-    def stop(step, logs):
-        if step == 3:
-            raise KeyboardInterrupt
-
-    cut.on_log = stop
-    with pytest.raises(KeyboardInterrupt):
-        cut.fit()
-    assert not (tmp_path / "cut" / "final.safetensors").exists()
-    make(tmp_path / "cut").fit()
-    a, b = load_file(tmp_path / "ref" / "final.safetensors"), load_file(tmp_path / "cut" / "final.safetensors")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    check_resume_is_exact(make, tmp_path)
 
 
 def test_ddp_two_processes_match_one(tmp_path):

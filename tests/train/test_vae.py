@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from pysonic.codecs.oobleck import OobleckConfig, OobleckVAE
 from pysonic.train.vae import (VAETrainConfig, VAETrainer, collate_crops, kl_to_standard_normal,
                                random_crop)
+from tests.train.resume import check_resume_is_exact
 
 SR = 8000
 
@@ -113,17 +114,4 @@ def test_resume_is_exact(tmp_path):
     def make(out):
         return VAETrainer(tiny_vae(), _cfg(out, 5, ckpt_every=2, precision="bf16", ema_decay=0.9), Tones())
 
-    make(tmp_path / "ref").fit()
-    cut = make(tmp_path / "cut")
-
-    def stop(step, logs):
-        if step == 3:
-            raise KeyboardInterrupt
-
-    cut.on_log = stop
-    with pytest.raises(KeyboardInterrupt):
-        cut.fit()
-    make(tmp_path / "cut").fit()
-    a, b = load_file(tmp_path / "ref" / "final.safetensors"), load_file(tmp_path / "cut" / "final.safetensors")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    check_resume_is_exact(make, tmp_path)
