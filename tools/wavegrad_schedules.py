@@ -10,7 +10,7 @@ schedules come from this reproducible recipe:
 2. ``--steps`` training steps (batch 4 x 3600 samples) of a reduced-width WaveGrad with the ivanvovk front end (80 mels,
    hop 300, factors 5-5-3-2-2) using ``pysonic train wavegrad`` (its linear 1000-step betas).
 3. :func:`pysonic.models.wavegrad.search.search_schedule` for 6, 7 and 12 iterations (multiplier
-   grid + one refinement round), 25 (Fibonacci starts, as the original did for 25) and 50, 100,
+   grid + two refinement rounds), 25 (Fibonacci starts, as the original did for 25) and 50, 100,
    1000 (linear end points), scored by log-mel L1 on held-out clips.
 
 The result fits that model; for a real checkpoint rerun the search with it and your audio::
@@ -78,6 +78,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--from-checkpoint", action="store_true", help="skip training: use the run's latest checkpoint")
+    p.add_argument("--search-only", action="store_true", help="skip training: use the finished run's model")
     p.add_argument("--out", default=str(ROOT / "pysonic" / "models" / "wavegrad" / "schedules.json"))
     args = p.parse_args()
     work = Path(args.work)
@@ -99,7 +100,10 @@ def main() -> int:
         "test_every": 100,
     }
     t0 = time.time()
-    if args.from_checkpoint:  # search with the latest checkpoint of an interrupted run
+    if args.search_only:  # search again with the finished run's exported model
+        model = WaveGrad.from_pretrained(work / "run" / "model")
+        trained = f"{args.steps} steps"
+    elif args.from_checkpoint:  # search with the latest checkpoint of an interrupted run
         from pysonic.train import latest_checkpoint, load_checkpoint
 
         ckpt = latest_checkpoint(work / "run")
@@ -112,18 +116,18 @@ def main() -> int:
         model = WaveGrad.from_pretrained(work / "run" / "model")
         trained = f"{args.steps} steps"
     model.eval()
-    audio = torch.stack([c[:3000] for c in test_clips[:2]])  # 2 held-out clips x 3000 samples (10 frames)
+    audio = torch.stack([c[:3000] for c in test_clips])  # the 4 held-out clips x 3000 samples (10 frames)
     recipe = {6: "grid", 7: "grid", 12: "grid", 25: "fibonacci", 50: "linear", 100: "linear", 1000: "linear"}
     out = {"note": (
         "Searched by tools/wavegrad_schedules.py: a reduced-width WaveGrad (ivanvovk front end, hop 300) trained "
-        f"{trained} (batch 4 x 3600 samples) on synthetic harmonic/noise clips, scored by log-mel L1 on 2 held-out clips. "
+        f"{trained} (batch 4 x 3600 samples) on synthetic harmonic/noise clips, scored by log-mel L1 on 4 held-out clips. "
         "Rerun pysonic.models.wavegrad.search_schedule with your own checkpoint and audio for best results."),
         "schedules": {}}
     for n, kind in recipe.items():
         t1 = time.time()
         if kind == "grid":
-            # Budget for a 2-core machine shared with other jobs; raise max_candidates where you can.
-            cands, rounds = S.grid_candidates(n, (1e-6, 1e-1), max_candidates=60 if n < 12 else 40), 1
+            # ~2000 grid points and 2 refinement rounds: minutes on 2 cores for this small model
+            cands, rounds = S.grid_candidates(n, (1e-6, 1e-1), max_candidates=2000 if n < 12 else 1000), 2
         elif kind == "fibonacci":
             cands, rounds = S.fibonacci_candidates(n), 0
         else:
@@ -134,7 +138,7 @@ def main() -> int:
                                          workers=args.workers, return_scores=True, progress=True)
         out["schedules"][str(n)] = {
             "betas": best.tolist(), "score": scores[0][1], "candidates": len(scores),
-            "searched_with": f"{kind} candidates" + (f" + {rounds} refinement round" if rounds else ""),
+            "searched_with": f"{kind} candidates" + (f" + {rounds} refinement round{'s' * (rounds > 1)}" if rounds else ""),
         }
         print(n, kind, f"best {scores[0][1]:.4f} of {len(scores)} in {time.time() - t1:.0f} s", flush=True)
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
