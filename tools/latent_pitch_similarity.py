@@ -17,7 +17,6 @@ Usage: ``python tools/latent_pitch_similarity.py [--vae pysonic/assets/default/v
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 from pathlib import Path
 
@@ -47,10 +46,9 @@ def phase_dependence(vae, base: float, *, phases: int = 16) -> float:
 def frame_similarity(vae, base: float, cents: float, *, phases: int = 16) -> float:
     """Mean over the detuned tone's latent frames of the best cosine similarity with any frame of
     the base tone (best over ``phases`` starting phases of the detuned tone)."""
-    frames = functools.partial(tone_frames, vae)
-    ref = frames(base, 0.0)
+    ref = tone_frames(vae, base, 0.0)
     detuned = base * 2 ** (cents / 1200)
-    best = torch.stack([(frames(detuned, k / phases) @ ref.T).max(dim=1).values for k in range(phases)])
+    best = torch.stack([(tone_frames(vae, detuned, k / phases) @ ref.T).max(dim=1).values for k in range(phases)])
     return float(best.max(dim=0).values.mean())
 
 

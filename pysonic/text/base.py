@@ -49,7 +49,7 @@ class TextEncoder(nn.Module):
         return self._encode(prompts, length)
 
     def _encode(self, prompts: list[str], length: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement _encode (prompts, length) -> (states, mask)")
 
     @property
     def device(self) -> torch.device:
