@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pysonic.text.word_encoder import (EOS, NOTE, NUM, WordEncoderConfig, WordTextEncoder, build_vocab,
-                                       note_frequency, numeric_features, tokenize)
+                                       note_frequency, numeric_features, tokenize, value_code_features)
 
 CAPTIONS = ["a sine tone at 440 Hz", "a loud square wave playing the note A4", "pink noise",
             "a drum beat at 120 bpm", "5 clicks per second"]
@@ -82,3 +82,50 @@ def test_eos_always_present():
     assert lengths.item() == enc.config.max_tokens and ids[0, -1] == enc.index[EOS]
     states, mask = enc.encode(["a sine tone at 440 hz", ""], length=4)  # fixed length: truncated/padded
     assert states.shape[1] == 4 and mask.sum(1).tolist() == [4, 1]
+
+
+def _coded(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = WordEncoderConfig(vocab=build_vocab(CAPTIONS), dim=32, layers=2, heads=2, value_code=16, **kw)
+    return WordTextEncoder(cfg).eval()
+
+
+def test_value_code_is_added_to_number_tokens_only():
+    coded = _coded()
+    plain = WordTextEncoder(WordEncoderConfig(**{**coded.config.__dict__, "value_code": 0})).eval()
+    plain.load_state_dict(coded.state_dict(), strict=False)  # same weights, no code buffers
+    prompt = ["a sine tone at 440 Hz", "the note A4, loud"]
+    a, mask = coded.encode(prompt)
+    b, _ = plain.encode(prompt)
+    ids, _, _ = coded.tokens(prompt)
+    is_num = (ids == coded.index[NUM]) | (ids == coded.index[NOTE])
+    diff = (a - b).norm(dim=-1)
+    assert (diff[~is_num] == 0).all()  # words, <eos> and padding: untouched
+    # 440 Hz and A4 are the same value: the same code, of norm scale * |bumps| (orthonormal projection)
+    bumps = value_code_features(torch.tensor(440.0), coded.value_centres)
+    torch.testing.assert_close(diff[is_num], torch.full((2,), 3.0 * float(bumps.norm())), rtol=1e-5, atol=1e-5)
+
+
+def test_value_code_places_values_between_their_neighbours():
+    torch.manual_seed(0)
+    cfg = WordEncoderConfig(vocab=build_vocab(CAPTIONS), dim=64, layers=1, heads=2, value_code=64)  # 1/8 octave apart
+    centres = WordTextEncoder(cfg).value_centres
+    code = lambda hz: value_code_features(torch.tensor(float(hz)), centres)
+    cos = lambda x, y: float((code(x) * code(y)).sum() / code(x).norm() / code(y).norm())
+    assert cos(300, 303) > 0.99 and cos(300, 600) < 1e-6  # 17 cents apart: near-identical; an octave: disjoint
+    assert cos(300, 320) > cos(300, 340) > cos(300, 400)  # similarity falls with the interval
+
+
+def test_value_code_survives_save_and_load(tmp_path):
+    enc = _coded(value_code_range=(50.0, 2000.0))
+    enc.save_pretrained(tmp_path)
+    again = WordTextEncoder.from_pretrained(tmp_path)
+    assert again.config.value_code_range == (50.0, 2000.0)
+    torch.testing.assert_close(enc.encode(CAPTIONS)[0], again.encode(CAPTIONS)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw, message", [({"value_code": 1}, "0 \\(off\\) or >= 2"), ({"value_code": 64}, "exceeds dim"),
+                                         ({"value_code_range": (100.0, 50.0)}, "0 < low < high")])
+def test_value_code_config_errors(kw, message):
+    with pytest.raises(ValueError, match=message):
+        WordEncoderConfig(vocab=build_vocab(CAPTIONS), dim=32, **{"value_code": 16, **kw})
