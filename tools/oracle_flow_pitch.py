@@ -16,7 +16,7 @@ Steps (each resumes from what the last one wrote under ``--work``):
          features (time-averaged, first ``duration`` seconds) within 50 cents of the same reading
          of the real tone; and minimal pairs "a sine/square wave at F Hz" for F from 150 to 1500
 
-Usage: ``python tools/oracle_flow_pitch.py {data,train,eval} --work DIR [--value-code 64]``
+Usage: ``python tools/oracle_flow_pitch.py {data,train,eval} --work DIR [--value-code 64] [--steps N] [--guidance G]``
 (from a checkout: ``PYTHONPATH=.``). Measured 2026-11-22 (20000 items, 8000 steps, 15 prompts per
 split): without the code 0/15 training-range and 0/15 held-out pitch prompts within 50 cents, sines
 asked at 150/220/300/440/600 Hz came out at 103/274/278/274/3927 Hz; with 64 bumps 3/15 and 0/15,
@@ -135,7 +135,7 @@ class _NoVAE(torch.nn.Module):
         self.hop_length, self.sampling_rate = HOP, SR
 
 
-def evaluate(work: Path, value_code: int, n: int) -> None:
+def evaluate(work: Path, value_code: int, n: int, guidance: float = 4.5) -> None:
     from safetensors.torch import load_file
 
     from pysonic.data.synth.dataset import render_item
@@ -149,7 +149,7 @@ def evaluate(work: Path, value_code: int, n: int) -> None:
     pipe = TangoFlux(model, _NoVAE(), text_encoder(value_code))
 
     def generated_pitch(caption: str, seconds: float, seed: int = 0) -> float:
-        z = pipe.generate_latents(caption, duration=seconds, steps=25, guidance_scale=4.5,
+        z = pipe.generate_latents(caption, duration=seconds, steps=25, guidance_scale=guidance,
                                   generator=torch.Generator().manual_seed(seed), progress=False)[0]
         return pitch_of(z * data["sd"] + data["mu"], seconds)
 
@@ -175,6 +175,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--value-code", type=int, default=0, help="bumps of the text encoder's value place code (0: off)")
     p.add_argument("--n", type=int, default=15, help="SynthBench pitch prompts per split")
+    p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale for eval (1: none)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -185,7 +186,7 @@ def main() -> int:
     elif a.step == "train":
         train(work, a.steps, a.value_code)
     else:
-        evaluate(work, a.value_code, a.n)
+        evaluate(work, a.value_code, a.n, a.guidance)
     return 0
 
 
