@@ -43,6 +43,12 @@ TORCH_LIBRARY(pysonic, m) {
   // out = coef_x0 * x0 + coef_x * x + sigma * noise. c1, c2, coef_x0, coef_x, sigma: float32 [B].
   m.def("diffusion_step_x0(Tensor x, Tensor eps, Tensor? noise, Tensor c1, Tensor c2, "
         "Tensor coef_x0, Tensor coef_x, Tensor sigma, float? clip=1.0) -> Tensor");
+  // out = x > 0 ? x : alpha * (exp(x) - 1); x and out: same shape, dtype and strides (on dims
+  // longer than 1), dense (out may be x: in place).
+  m.def("elu_out(Tensor x, float alpha, Tensor(a!) out) -> ()");
+  // The recurrent half of an LSTM layer (gate order i, f, g, o): gates_x [T,B,4H] = x @ w_ih^T
+  // + biases, w_hh [4H,H], h0/c0 [B,H] -> (y [T,B,H], c_T [B,H]); y[T-1] is h_T. Inference only.
+  m.def("lstm_recurrence(Tensor gates_x, Tensor w_hh, Tensor h0, Tensor c0) -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -13,7 +13,7 @@ a GPU: traces every op body on fake CUDA tensors and compiles every launch for s
 """
 from __future__ import annotations
 
-from . import attention, conformer_conv, rotary, rvq, steps
+from . import attention, conformer_conv, elu, lstm, rotary, rvq, steps
 
 IMPLS = {
     "rotary": rotary.rotary,
@@ -24,6 +24,8 @@ IMPLS = {
     "flow_step": steps.flow_step,
     "diffusion_step": steps.diffusion_step,
     "diffusion_step_x0": steps.diffusion_step_x0,
+    "lstm_recurrence": lstm.lstm_recurrence,
+    "elu_out": elu.elu_out,
 }
 
 __all__ = ["IMPLS"]

@@ -57,6 +57,8 @@ def _cases(m):
 
     cases = []
     for dt in (torch.float32, torch.bfloat16, torch.float16):
+        cases.append((f"elu_out {dt}", _body(m.elu.elu_out), lambda dt=dt: (E(1, 32, 1, 240000, dt=dt), 1.0,
+                                                                              E(1, 32, 1, 240000, dt=dt))))
         for D in (64, 128):
             def att(dt=dt, D=D):
                 q, k = E(2, 8, 300, D, dt=dt), E(2, 2, 333, D, dt=dt)
@@ -76,6 +78,8 @@ def _cases(m):
              lambda dt=dt: (E(4, 500, 256, dt=dt), E(4, 500, 512, dt=dt), E(256, 31, dt=dt), E(256, dt=dt), True)),
             (f"rvq_encode {dt}", _body(m.rvq.rvq_encode), lambda dt=dt: (E(4, 750, 128, dt=dt), E(8, 1024, 128, dt=dt), 8)),
             (f"rvq_decode {dt}", _body(m.rvq.rvq_decode), lambda dt=dt: (L(4, 750, 8), E(8, 1024, 128, dt=dt))),
+            (f"lstm_recurrence {dt}", _body(m.lstm.lstm_recurrence),
+             lambda dt=dt: (E(3, 1, 2048, dt=dt), E(2048, 512, dt=dt), E(1, 512, dt=dt), E(1, 512, dt=dt))),
             (f"flow_step {dt}", _body(m.steps.flow_step), lambda dt=dt: (E(4, 64, 1000, dt=dt),) * 3 + (0.1, 3.0)),
             (f"diffusion_step {dt}", _body(m.steps.diffusion_step),
              lambda dt=dt: (E(4, 64, 1000, dt=dt),) * 3 + (E(4), E(4), E(4), 1.0)),

@@ -15,7 +15,6 @@ Padding (Défossez et al. 2022, EnCodec section 3.1, and the reference code):
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Sequence
 
@@ -23,7 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pysonic import ops
+
 NORMS = ("none", "weight_norm", "time_group_norm")
+
+# oneDNN convolution with fused post-ops (what torch.compile's CPU backend calls), or None.
+_CONV_POINTWISE = (getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+                   if torch.backends.mkldnn.is_available() else None)
 
 
 def extra_padding(length: int, kernel_size: int, stride: int, padding_total: int) -> int:
@@ -162,15 +167,28 @@ class SConv1d(_NormConvBase):
             return self(F.elu(x, alpha))
         buf = torch.empty((x.shape[0], x.shape[1], 1, left + n + right), dtype=x.dtype, device=x.device,
                           memory_format=CL)
-        torch._C._nn.elu(x, alpha, out=buf[..., left : left + n])
+        ops.elu(x, alpha, out=buf[..., left : left + n])
         if left:  # buf[left - i] = buf[left + i] for i = 1..left (reflection without the edge sample)
             buf[..., :left] = buf[..., left + 1 : 2 * left + 1].flip(-1)
         if right:  # buf[left + n - 1 + i] = buf[left + n - 1 - i] for i = 1..right
             buf[..., left + n :] = buf[..., left + n - 1 - right : left + n - 1].flip(-1)
         return self._conv(buf)
 
+    def forward_add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """``forward(x) + other``. Inference on channels-last ``[B, C, 1, N]`` input through an
+        unpadded conv adds ``other`` inside oneDNN's convolution (a binary post-op), saving a
+        pass over both tensors: SEANet's residual sums run at up to 64 x 120000 values."""
+        if (_CONV_POINTWISE is None or torch.is_grad_enabled() or x.dim() != 4 or self.norm_type == "time_group_norm"
+                or self._pads(x.shape[-1]) != (0, 0) or other.dtype != x.dtype
+                or not (x.is_contiguous(memory_format=CL) and other.is_contiguous(memory_format=CL))):
+            return self(x).add_(other)
+        return _CONV_POINTWISE.binary(x, other, self._weight_for(x), self.bias, [0, 0], [1, self.stride],
+                                      [1, self.dilation], 1, "add", None, None, [], None)
+
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         w = self._weight_for(x)
+        if x.dim() == 4 and x.shape[1] == 1 and self.norm_type != "time_group_norm" and not torch.is_grad_enabled():
+            return self._conv_one_channel(x, w)
         if x.dim() == 3:
             y = F.conv1d(x, w, self.bias, self.stride, 0, self.dilation)
         else:
@@ -178,6 +196,22 @@ class SConv1d(_NormConvBase):
         if self.norm_type == "time_group_norm":
             y = self.norm(y)
         return y
+
+
+    def _conv_one_channel(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """A 1-channel input (the waveform into EnCodec's first conv) as one matrix product of
+        the overlapping windows (a strided view) with the kernel, written straight in
+        channels-last order; oneDNN takes several times longer on one input channel, and its
+        output then needs a layout copy."""
+        B, _, _, L = x.shape
+        k_eff = (self.kernel_size - 1) * self.dilation + 1
+        T = (L - k_eff) // self.stride + 1
+        x = x.contiguous()
+        windows = x.as_strided((B, T, self.kernel_size), (x.stride(0), self.stride, self.dilation))
+        y = torch.matmul(windows, w.reshape(w.shape[0], self.kernel_size).t())  # [B, T, O]
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.permute(0, 2, 1).unsqueeze(2)  # [B, O, 1, T], channels-last memory
 
 
 class SConvTranspose1d(_NormConvBase):
@@ -214,45 +248,47 @@ class SConvTranspose1d(_NormConvBase):
         return y[..., left : y.shape[-1] - right]
 
 
-@contextlib.contextmanager
-def _threads(n: int | None):
-    """Run the body with ``torch.set_num_threads(n)`` (None: unchanged), restoring it after."""
-    before = torch.get_num_threads()
-    if n is None or n >= before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class SLSTM(nn.Module):
     """Multi-layer LSTM over time with a skip connection; conv layout ``[B, C, T]`` in and out.
 
-    ``inference_threads`` (class attribute, default 1): threads for the recurrence when running
-    without autograd on at most ``small_batch`` sequences. A batch-1 LSTM is a chain of
-    ``T x layers`` small matrix-vector products (512 x 2048 for EnCodec); splitting each across
-    threads costs a synchronisation per step, which dominates as soon as the cores are shared:
-    on this 2-core machine under load, 2 threads took 2.4-8.8 s for the 24 kHz model's 750-step
-    LSTM and 1 thread 0.5-0.9 s (torch's oneDNN path in both cases). None: torch's setting.
+    Without autograd, on a CPU tensor of at most ``small_batch`` sequences in float32 or
+    bfloat16 (``fast_inference``, class attribute, default True), each layer runs as one matrix
+    product for the input gates plus :func:`pysonic.ops.lstm_recurrence`, whose C++ kernel keeps
+    the recurrent weight in the threads' L2 caches: a batch-1 LSTM is a chain of ``T x layers``
+    matrix-vector products (512 x 2048 for EnCodec), bound by how fast that weight streams in.
+    Otherwise (training, large batches, GPUs): ``nn.LSTM``. The kernel uses torch's thread
+    count; each step ends in a barrier, so on cores busy with other work fewer threads are
+    faster (``torch.set_num_threads(1)``).
     """
 
-    inference_threads: int | None = 1
+    fast_inference: bool = True
     small_batch: int = 4
 
     def __init__(self, dim: int, num_layers: int = 2) -> None:
         super().__init__()
         self.lstm = nn.LSTM(dim, dim, num_layers)
 
+    def run(self, seq: torch.Tensor, state=None):
+        """The LSTM on ``seq`` [T, B, C] from ``state`` (``(h, c)`` each [layers, B, C], or None):
+        returns ``(y [T, B, C], state)`` like ``nn.LSTM``."""
+        fast = (self.fast_inference and not torch.is_grad_enabled() and seq.device.type == "cpu"
+                and seq.shape[1] <= self.small_batch and seq.dtype in (torch.float32, torch.bfloat16))
+        if not fast:
+            return self.lstm(seq, state)
+        hs, cs = [], []
+        y = seq
+        for k in range(self.lstm.num_layers):
+            w = [getattr(self.lstm, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            layer_state = None if state is None else (state[0][k], state[1][k])
+            y, (h, c) = ops.lstm_layer(y, *w, layer_state)
+            hs.append(h)
+            cs.append(c)
+        return y, (torch.stack(hs), torch.stack(cs))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[B, C, T]``, or ``[B, C, 1, T]`` channels-last (returned in the same layout)."""
         seq = (x if x.dim() == 3 else x.squeeze(2)).permute(2, 0, 1)  # [T, B, C]
-        small = not torch.is_grad_enabled() and seq.shape[1] <= self.small_batch
-        with _threads(self.inference_threads if small else None):
-            y = self.lstm(seq)[0]
-        y = y + seq
+        y = self.run(seq)[0] + seq
         if x.dim() == 3:
             return y.permute(1, 2, 0)
         return y.permute(1, 2, 0).unsqueeze(2).contiguous(memory_format=CL)
@@ -284,8 +320,7 @@ class SEANetResBlock(nn.Module):
             return self.shortcut(x) + y
         # inference: fused ELU + padding, in-place ELU and residual add (no autograd to feed)
         y = self.block[1].forward_elu(x, self.block[0].alpha)
-        y = self.block[3](F.elu_(y, self.block[2].alpha))
-        return y.add_(self.shortcut(x))
+        return self.block[3].forward_add(ops.elu(y, self.block[2].alpha, out=y), self.shortcut(x))
 
 
 def _run_layers(layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
@@ -304,7 +339,7 @@ def _run_layers(layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
             i += 2
             continue
         if isinstance(layer, nn.ELU) and i > 0:  # x is an intermediate we own
-            x = F.elu_(x, layer.alpha)
+            x = ops.elu(x, layer.alpha, out=x)
         else:
             x = layer(x)
         if i == 0 and x.dim() == 4 and not x.is_contiguous(memory_format=CL):
@@ -446,9 +481,7 @@ class SEANetStream:
             if x is None or x.shape[-1] == 0:
                 return x
             seq = x.permute(2, 0, 1)
-            small = not torch.is_grad_enabled() and seq.shape[1] <= m.small_batch
-            with _threads(m.inference_threads if small else None):
-                y, st["hc"] = m.lstm(seq, st.get("hc"))
+            y, st["hc"] = m.run(seq, st.get("hc"))
             return (y + seq).permute(1, 2, 0)
         if isinstance(m, SEANetResBlock):
             a = self._run(m.block, x, final)

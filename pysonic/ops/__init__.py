@@ -10,6 +10,8 @@ from pysonic.ops.attention import attention
 from pysonic.ops.steps import diffusion_step, diffusion_step_x0, flow_step
 from pysonic.ops.rotary import rotary
 from pysonic.ops.conformer_conv import conformer_conv
+from pysonic.ops.lstm import lstm_layer, lstm_recurrence
+from pysonic.ops.elu import elu
 
 __all__ = [
     "BACKENDS",
@@ -24,4 +26,7 @@ __all__ = [
     "rvq_decode",
     "rotary",
     "conformer_conv",
+    "lstm_recurrence",
+    "lstm_layer",
+    "elu",
 ]

@@ -163,3 +163,30 @@ def diffusion_step_x0(x, eps, noise, c1, c2, coef_x0, coef_x, sigma, clip=1.0):
     if noise is not None:
         out = out + sigma * noise.float()
     return out.to(x.dtype)
+
+
+def lstm_recurrence(gates_x, w_hh, h0, c0):
+    """The recurrent half of an LSTM layer, torch's gate order (input, forget, cell, output).
+
+    ``gates_x`` [T,B,4H] is ``x_t @ w_ih^T + b_ih + b_hh`` for every step; ``w_hh`` [4H,H];
+    ``h0``, ``c0`` [B,H]. Per step ``z = gates_x[t] + h @ w_hh^T``,
+    ``c = sigmoid(z_f) * c + sigmoid(z_i) * tanh(z_g)``, ``h = sigmoid(z_o) * tanh(c)``.
+    Returns ``(y [T,B,H], c_T [B,H])`` with ``y[t] = h_t``; fp32 arithmetic and state, inputs'
+    dtype out.
+    """
+    w = w_hh.float()
+    h, c = h0.float(), c0.float()
+    ys = []
+    for t in range(gates_x.shape[0]):
+        z = gates_x[t].float() + h @ w.t()
+        i, f, g, o = z.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        ys.append(h)
+    y = torch.stack(ys) if ys else gates_x.new_empty(0, *h0.shape, dtype=torch.float32)
+    return y.to(gates_x.dtype), c.to(gates_x.dtype)
+
+
+def elu(x, alpha=1.0):
+    """``x`` where ``x > 0``, else ``alpha * expm1(x)``; fp32 arithmetic, x's dtype out."""
+    return torch.nn.functional.elu(x.float(), alpha).to(x.dtype)

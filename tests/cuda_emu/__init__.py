@@ -76,6 +76,31 @@ def _p(t):
 I64, F32, INT = ctypes.c_int64, ctypes.c_float, ctypes.c_int
 
 
+def elu(x, alpha):
+    """csrc/cuda/elu.cu after its checks: x dense; out with x's strides (here a fresh copy)."""
+    lib = load()
+    out = torch.full_like(x, float("nan"))
+    if x.numel():
+        lib.emu_elu(INT(DTYPE_CODE[x.dtype]), _p(x), _p(out), I64(x.numel()), F32(alpha))
+    return out
+
+
+def lstm_recurrence(gates_x, w_hh, h0, c0):
+    """csrc/cuda/lstm.cu after its checks: fp32 state buffers, one launch per step."""
+    lib = load()
+    T, B, _ = gates_x.shape
+    H = w_hh.shape[1]
+    gx, w = gates_x.contiguous(), w_hh.contiguous()
+    y = torch.full((T, B, H), float("nan"), dtype=gates_x.dtype)
+    h_prev, h_next = h0.float().contiguous().clone(), torch.full((B, H), float("nan"))
+    c = c0.float().contiguous().clone()
+    code = INT(DTYPE_CODE[gates_x.dtype])
+    for t in range(T):
+        lib.emu_lstm_step(code, _p(gx[t]), _p(w), _p(h_prev), _p(h_next), _p(c), _p(y[t]), I64(B), I64(H))
+        h_prev, h_next = h_next, h_prev
+    return y, c.to(gates_x.dtype)
+
+
 def flow_step(x, vc, vu, dt, g, *, vec=True):
     lib = load()
     x, vc = x.contiguous(), vc.contiguous()

@@ -3,6 +3,8 @@
 // dtype codes: 0 = float32, 1 = bfloat16, 2 = float16. Pointers are host memory.
 #include "attention.cuh"
 #include "conformer_conv.cuh"
+#include "elu.cuh"
+#include "lstm.cuh"
 #include "rotary.cuh"
 #include "rvq.cuh"
 #include "steps.cuh"
@@ -30,6 +32,23 @@ void dispatch_dmax(int dmax, F&& f) {
 }  // namespace
 
 extern "C" {
+
+void emu_elu(int dtype, const void* x, void* out, int64_t n, float alpha) {
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_elu<T>((const T*)x, (T*)out, n, alpha, nullptr);
+  });
+}
+
+// One step of the LSTM recurrence (the host loop lives in tests/cuda_emu/__init__.py, as in
+// csrc/cuda/lstm.cu).
+void emu_lstm_step(int dtype, const void* gx, const void* w, const float* h_prev, float* h_next, float* c,
+                   void* y, int64_t batch, int64_t hidden) {
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_lstm_step<T>((const T*)gx, (const T*)w, h_prev, h_next, c, (T*)y, batch, hidden, nullptr);
+  });
+}
 
 void emu_flow_step(int dtype, int vec, const void* x, const void* vc, const void* vu, void* out,
                    int64_t n, float a, float b) {

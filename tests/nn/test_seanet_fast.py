@@ -1,13 +1,14 @@
 """SEANet's inference fast path (channels-last 2-D convs, fused ELU + reflect pad, in-place ops,
-weight norm folded once, single-thread LSTM recurrence) equals the plain autograd path, and the
-folded-weight cache follows parameter changes."""
+residual sums inside the conv, weight norm folded once, the LSTM kernel, the 1-channel conv as a
+matrix product) equals the plain autograd path, and the folded-weight cache follows parameter
+changes."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from pysonic.codecs.encodec import EncodecConfig, EncodecModel
-from pysonic.nn.seanet import SLSTM
+from pysonic.nn.seanet import SLSTM, SConv1d
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +57,36 @@ def test_folded_weight_cache_follows_parameter_changes(models):
         assert m.encoder(wav.bfloat16()).dtype == torch.bfloat16
 
 
-def test_lstm_inference_threads_are_restored():
-    lstm = SLSTM(8, 1).eval()
-    x = torch.randn(1, 8, 20)
-    threads = torch.get_num_threads()
+def test_lstm_fast_inference_matches_nn_lstm():
+    """The inference path (input-gate GEMM + ops.lstm_recurrence per layer) against nn.LSTM,
+    fp32 within 1e-5; the streaming state (h, c per layer) continues like nn.LSTM's."""
+    torch.manual_seed(0)
+    lstm = SLSTM(32, 2).eval()
+    x = torch.randn(2, 32, 50)
     with torch.no_grad():
-        y = lstm(x)
-    assert torch.get_num_threads() == threads
-    torch.testing.assert_close(y, lstm(x).detach())
+        fast = lstm(x)
+        seq = x.permute(2, 0, 1)
+        y_ref, (h_ref, c_ref) = lstm.lstm(seq)
+        y1, state = lstm.run(seq[:20])
+        y2, (h, c) = lstm.run(seq[20:], state)
+        lstm.fast_inference = False
+        slow = lstm(x)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([y1, y2]), y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c, c_ref, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(fast, x)  # the LSTM contributed, not only the skip
+
+
+@pytest.mark.parametrize("stride,dilation,causal", [(1, 1, False), (2, 1, True), (1, 3, False), (4, 2, True)])
+def test_one_channel_conv_inference_path(stride, dilation, causal):
+    """A 1-channel input (the waveform) runs as one matrix product over strided windows at
+    inference: same values as the conv (fp32 1e-6) and a channels-last result."""
+    torch.manual_seed(0)
+    conv = SConv1d(1, 8, 7, stride=stride, dilation=dilation, causal=causal).eval()
+    x = torch.randn(2, 1, 203)
+    with torch.no_grad():
+        fast = conv(x[:, :, None, :])  # [B, 1, 1, N]: the inference layout
+        ref = conv(x)  # 3-D: F.conv1d
+    assert fast.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast[:, :, 0, :], ref, rtol=1e-6, atol=1e-6)

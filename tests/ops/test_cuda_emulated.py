@@ -210,3 +210,40 @@ def test_attention_fp32(shape, causal, lengths):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_attention_low_precision(dtype):
     _attention_case((1, 2, 1, 9, 21, 48), dtype, True, True)
+
+
+# ------------------------------------------------------------------------------ elu, lstm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_elu(dtype):
+    x = (torch.randn(3, 5, 37) * 4).to(dtype)
+    x[0, 0, :4] = torch.tensor([0.0, -1e-7, -30.0, float("nan")]).to(dtype)
+    out = E.elu(x, 0.7)
+    ref64 = torch.nn.functional.elu(x.double(), 0.7)
+    assert out[0, 0, 3].isnan()
+    out, ref64 = out.flatten()[4:], ref64.flatten()[4:]
+    if dtype == torch.float32:  # CUDA's expm1f: a few ulp from the float64 value
+        torch.testing.assert_close(out.double(), ref64, atol=1e-6, rtol=1e-6)
+    else:  # one rounding of the fp32 value to the output dtype
+        step = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+        torch.testing.assert_close(out.double(), ref64, atol=1e-6, rtol=step)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(5, 2, 24), (4, 1, 33), (3, 3, 1)], ids=str)
+def test_lstm_recurrence(dtype, shape):
+    """Against the reference (fp32 state in both): fp32 1e-5; bf16 outputs one bf16 step apart."""
+    T, B, H = shape
+    g = torch.Generator().manual_seed(0)
+    gates = (torch.randn(T, B, 4 * H, generator=g) * 2).to(dtype)
+    w = (torch.randn(4 * H, H, generator=g) * 3 / H**0.5).to(dtype)
+    h0, c0 = torch.randn(B, H, generator=g).tanh().to(dtype), torch.randn(B, H, generator=g).to(dtype)
+    y, c = E.lstm_recurrence(gates, w, h0, c0)
+    y_ref, c_ref = reference.lstm_recurrence(gates, w, h0, c0)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c, c_ref, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=2.0**-7 + 1e-6)
+        torch.testing.assert_close(c, c_ref, rtol=2.0**-7, atol=2.0**-7)

@@ -314,3 +314,39 @@ def test_diffusion_step_errors():
         op(x, x, None, one, torch.ones(3, device=DEV), one, None)
     with pytest.raises(RuntimeError, match="diffusion_step: clip"):
         op(x, x, None, one, one, one, -1.0)
+
+
+# ------------------------------------------------------------------------------ elu, lstm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_elu(dtype):
+    op = cuda_op("elu_out")
+    x = (torch.randn(2, 32, 1, 3001, device=DEV) * 4).to(dtype).contiguous(memory_format=torch.channels_last)
+    out = torch.empty_like(x)
+    op(x, 0.8, out)
+    ref = reference.elu(x, 0.8)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)  # expm1f: a few ulp
+    else:
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=2.0**-7)  # one rounding to dtype
+    op(x, 0.8, x)  # in place
+    torch.testing.assert_close(x, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(50, 1, 512), (7, 3, 24), (3, 2, 1)], ids=str)
+def test_lstm_recurrence(shape, dtype):
+    op = cuda_op("lstm_recurrence")
+    T, B, H = shape
+    gates = (torch.randn(T, B, 4 * H, device=DEV) * 2).to(dtype)
+    w = (torch.randn(4 * H, H, device=DEV) * 3 / H**0.5).to(dtype)
+    h0, c0 = torch.randn(B, H, device=DEV).tanh().to(dtype), torch.randn(B, H, device=DEV).to(dtype)
+    y, c = op(gates, w, h0, c0)
+    y_ref, c_ref = reference.lstm_recurrence(gates, w, h0, c0)
+    if dtype == torch.float32:  # the dot products sum in another order; fp32 state in both
+        torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(c, c_ref, atol=1e-5, rtol=1e-5)
+    else:  # outputs one bf16 rounding apart
+        torch.testing.assert_close(y, y_ref, atol=2.0**-7 + 1e-6, rtol=0)
+        torch.testing.assert_close(c, c_ref, atol=2.0**-7, rtol=2.0**-7)

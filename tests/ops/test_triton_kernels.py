@@ -26,7 +26,8 @@ if _reason is not None and "triton" not in REQUIRED:
     pytest.skip(f"Triton kernels unavailable: {_reason}", allow_module_level=True)
 
 IMPLS = _triton._load()[0].IMPLS if _reason is None else {}
-OPS = ("attention", "rotary", "conformer_conv", "rvq_encode", "rvq_decode", "flow_step", "diffusion_step", "diffusion_step_x0")
+OPS = ("attention", "rotary", "conformer_conv", "rvq_encode", "rvq_decode", "flow_step", "diffusion_step", "diffusion_step_x0",
+       "lstm_recurrence", "elu_out")  # lstm_recurrence and elu_out: tests/ops/test_lstm.py, test_elu.py
 FP32 = dict(atol=1e-5, rtol=1e-5)  # fp32 kernels reorder sums only
 GRAD32 = dict(atol=1e-4, rtol=1e-4)  # gradients go through a few more reordered sums
 
@@ -415,6 +416,8 @@ def _opcheck_cases():
         "flow_step": (y, y, y, 0.1, 2.0),
         "diffusion_step": (y, y, y, c, c, c, 1.0),
         "diffusion_step_x0": (y, y, y, c, c, c, c, c, 1.0),
+        "lstm_recurrence": (torch.randn(3, 2, 8), torch.randn(8, 2), torch.randn(2, 2), torch.randn(2, 2)),
+        "elu_out": (y, 1.0, torch.empty_like(y)),
     }
 
 
