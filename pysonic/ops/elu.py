@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from pysonic import _ext
 from pysonic.ops import _checks, reference
 from pysonic.ops._backends import resolve
 
@@ -71,3 +72,10 @@ def _run(chosen, x, alpha, out):
         _triton.get("elu_out")(x, alpha, out)
     else:
         torch.ops.pysonic.elu_out(x, alpha, out)
+
+
+if _ext._C is not None:
+
+    @torch.library.register_fake("pysonic::elu_out")
+    def _elu_out_fake(x, alpha, out):
+        torch._check(out.shape == x.shape, lambda: "elu_out: out must have the shape of x")

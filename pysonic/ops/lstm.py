@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from pysonic import _ext
 from pysonic.ops import _checks, reference
 from pysonic.ops._backends import resolve
 
@@ -90,3 +91,12 @@ def lstm_layer(x, w_ih, w_hh, b_ih=None, b_hh=None, state=None, *, backend: str 
     y, c = lstm_recurrence(gates.view(T, B, -1), w_hh, h0, c0, backend=backend)
     h = y[-1] if T > 0 else (h0 if h0 is not None else y.new_zeros(B, w_hh.shape[1]))
     return y, (h, c)
+
+
+if _ext._C is not None:
+
+    @torch.library.register_fake("pysonic::lstm_recurrence")
+    def _lstm_recurrence_fake(gates_x, w_hh, h0, c0):
+        torch._check(gates_x.dim() == 3 and w_hh.dim() == 2, lambda: "lstm_recurrence: gates_x must be [T,B,4H], w_hh [4H,H]")
+        T, B, _ = gates_x.shape
+        return gates_x.new_empty((T, B, w_hh.shape[1])), gates_x.new_empty((B, w_hh.shape[1]))

@@ -77,3 +77,9 @@ def test_elu_bad_input():
         ops.elu(x, out=torch.empty(4, 5, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="strides"):  # the kernel checks on its own too
         torch.ops.pysonic.elu_out(x, 1.0, torch.empty(5, 4).t())
+
+
+def test_opcheck():
+    # schema (out is mutated), fake implementation and dispatch of the registered C++ op
+    x = _values(40, torch.float32).view(4, 10)
+    torch.library.opcheck(torch.ops.pysonic.elu_out, (x, 1.0, torch.empty_like(x)))

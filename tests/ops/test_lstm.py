@@ -109,3 +109,9 @@ def test_bad_input_is_a_clear_error():
         ops.lstm_layer(torch.randn(4, 2, 8), torch.randn(64, 9), w)
     with pytest.raises(RuntimeError, match="w_hh must be \\[4H, H\\]"):  # the kernel checks on its own too
         torch.ops.pysonic.lstm_recurrence(gates, w[:-1], h0, c0)
+
+
+def test_opcheck():
+    # schema, fake (meta) implementation and dispatch of the registered C++ op
+    gates, w, h0, c0 = _inputs(3, 2, 16, torch.float32)
+    torch.library.opcheck(torch.ops.pysonic.lstm_recurrence, (gates, w, h0, c0))
