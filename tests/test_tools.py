@@ -72,3 +72,14 @@ def test_oracle_text_encoder_adds_the_value_code_to_numbers_only():
     b, _ = coded.encode(["a sine tone at 440 Hz"])
     changed = ((a - b).abs().amax(-1) > 0)[0].tolist()
     assert changed == [False, False, False, False, True, False, False]  # a sine tone at <num> hz <eos>
+
+
+def test_oracle_model_spec_builds_both_poolings():
+    from pysonic.train.tangoflux import build_model
+
+    for pooling in ("mean", "attention"):
+        model = build_model(ofp.model_spec(2, pooling))
+        assert model.config.text_pooling == pooling and model.config.in_channels == ofp.BANDS
+        assert hasattr(model, "pool_query") == (pooling == "attention")
+    assert ofp.run_dir(Path("w"), 64, 2, "attention").name == "flow_code64_poolattention"
+    assert ofp.run_dir(Path("w"), 64, 2).name == "flow_code64"  # the runs measured before keep their names

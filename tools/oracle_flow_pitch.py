@@ -16,7 +16,8 @@ Steps (each resumes from what the last one wrote under ``--work``):
          features (time-averaged, first ``duration`` seconds) within 50 cents of the same reading
          of the real tone; and minimal pairs "a sine/square wave at F Hz" for F from 150 to 1500
 
-Usage: ``python tools/oracle_flow_pitch.py {data,train,eval} --work DIR [--value-code 64] [--steps N] [--guidance G]``
+Usage: ``python tools/oracle_flow_pitch.py {data,train,eval} --work DIR [--value-code 64] [--steps N] [--guidance G]
+[--heads H] [--pooling attention]``
 (from a checkout: ``PYTHONPATH=.``). Measured 2026-11-22 (20000 items, 8000 steps, 15 prompts per
 split): without the code 0/15 training-range and 0/15 held-out pitch prompts within 50 cents, sines
 asked at 150/220/300/440/600 Hz came out at 103/274/278/274/3927 Hz; with 64 bumps 3/15 and 0/15,
@@ -78,9 +79,10 @@ def text_encoder(value_code: int):
     return coded.eval()
 
 
-def model_spec(heads: int = 2) -> dict:
-    """The default recipe's flow model (width 64 x ``heads``), on BANDS channels and FRAMES frames."""
-    return {"num_layers": 2, "num_single_layers": 4, "in_channels": BANDS, "attention_head_dim": 64,
+def model_spec(heads: int = 2, pooling: str = "mean") -> dict:
+    """The default recipe's flow model (width 64 x ``heads``, pooled text by ``pooling``), on
+    BANDS channels and FRAMES frames."""
+    return {"text_pooling": pooling, "num_layers": 2, "num_single_layers": 4, "in_channels": BANDS, "attention_head_dim": 64,
             "num_attention_heads": heads, "joint_attention_dim": 128, "audio_seq_len": FRAMES, "max_duration": SECONDS,
             "duration_features": 64, "axes_dims_rope": [8, 28, 28], "text_encoder_name": "text_encoder"}
 
@@ -113,21 +115,22 @@ def make_data(work: Path, items: int) -> None:
                work / "data.pt")
 
 
-def run_dir(work: Path, value_code: int, heads: int) -> Path:
-    return work / (f"flow_code{value_code}" + (f"_heads{heads}" if heads != 2 else ""))
+def run_dir(work: Path, value_code: int, heads: int, pooling: str = "mean") -> Path:
+    return work / (f"flow_code{value_code}" + (f"_heads{heads}" if heads != 2 else "")
+                   + (f"_pool{pooling}" if pooling != "mean" else ""))
 
 
-def train(work: Path, steps: int, value_code: int, heads: int = 2) -> None:
+def train(work: Path, steps: int, value_code: int, heads: int = 2, pooling: str = "mean") -> None:
     from pysonic.train.flow_matching import FlowMatchingConfig, FlowMatchingTrainer
     from pysonic.train.tangoflux import build_model
 
     data = torch.load(work / "data.pt", weights_only=True)
     cfg = FlowMatchingConfig.from_dict(dict(
-        out_dir=str(run_dir(work, value_code, heads)), steps=steps, batch_size=16, lr=1e-3, warmup_steps=100,
+        out_dir=str(run_dir(work, value_code, heads, pooling)), steps=steps, batch_size=16, lr=1e-3, warmup_steps=100,
         lr_decay="constant", betas=[0.9, 0.95], weight_decay=0.01, grad_clip=1.0, precision="bf16", ema_decay=0.999,
         max_audio_duration=SECONDS, sample_posterior=False, uncondition=True, uncondition_prob=0.1,
         train_duration_embedder=True, log_every=100, ckpt_every=500, keep_checkpoints=2, seed=0))
-    FlowMatchingTrainer(build_model(model_spec(heads)), cfg, FeatureItems(data), text_encoder=text_encoder(value_code)).fit()
+    FlowMatchingTrainer(build_model(model_spec(heads, pooling)), cfg, FeatureItems(data), text_encoder=text_encoder(value_code)).fit()
 
 
 class _NoVAE(torch.nn.Module):
@@ -139,7 +142,7 @@ class _NoVAE(torch.nn.Module):
         self.hop_length, self.sampling_rate = HOP, SR
 
 
-def evaluate(work: Path, value_code: int, n: int, guidance: float = 4.5, heads: int = 2) -> None:
+def evaluate(work: Path, value_code: int, n: int, guidance: float = 4.5, heads: int = 2, pooling: str = "mean") -> None:
     from safetensors.torch import load_file
 
     from pysonic.data.synth.dataset import render_item
@@ -148,8 +151,8 @@ def evaluate(work: Path, value_code: int, n: int, guidance: float = 4.5, heads: 
     from pysonic.train.tangoflux import build_model
 
     data = torch.load(work / "data.pt", weights_only=True)
-    model = build_model(model_spec(heads))
-    model.load_state_dict(load_file(str(run_dir(work, value_code, heads) / "final.safetensors")))
+    model = build_model(model_spec(heads, pooling))
+    model.load_state_dict(load_file(str(run_dir(work, value_code, heads, pooling) / "final.safetensors")))
     pipe = TangoFlux(model, _NoVAE(), text_encoder(value_code))
 
     def generated_pitch(caption: str, seconds: float, seed: int = 0) -> float:
@@ -181,6 +184,8 @@ def main() -> int:
     p.add_argument("--n", type=int, default=15, help="SynthBench pitch prompts per split")
     p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale for eval (1: none)")
     p.add_argument("--heads", type=int, default=2, help="flow model width in 64-wide heads (the recipe: 2)")
+    p.add_argument("--pooling", choices=("mean", "attention"), default="mean",
+                   help="pooled text for the flow model's adaLN (TangoFluxConfig.text_pooling; the recipe: mean)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -189,9 +194,9 @@ def main() -> int:
     if a.step == "data":
         make_data(work, a.items)
     elif a.step == "train":
-        train(work, a.steps, a.value_code, a.heads)
+        train(work, a.steps, a.value_code, a.heads, a.pooling)
     else:
-        evaluate(work, a.value_code, a.n, a.guidance, a.heads)
+        evaluate(work, a.value_code, a.n, a.guidance, a.heads, a.pooling)
     return 0
 
 

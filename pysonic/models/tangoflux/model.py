@@ -53,6 +53,9 @@ class TangoFluxConfig:
     duration_features: int = 256  # DurationEmbedder internal_dim (release default)
     axes_dims_rope: tuple[int, ...] | None = None  # rotary dims per position axis (sum <= head dim);
     # None: the transformer's default (16, 56, 56), which needs attention_head_dim >= 128
+    text_pooling: str = "mean"  # the pooled text for adaLN: "mean" (the release) or "attention"
+    # (softmax weights from one learned query, zero at init = the mean): lets the global
+    # conditioning single out a token, e.g. the number of "a sine at 440 Hz"
 
     @property
     def text_dim(self) -> int:
@@ -90,6 +93,8 @@ class TangoFluxConfig:
                 v = kw[k]
                 if isinstance(v, bool) or not isinstance(v, int) or v < (0 if "layers" in k else 1):
                     raise ValueError(f"TangoFluxConfig: {k} must be a positive integer, got {v!r}")
+        if kw.get("text_pooling", "mean") not in ("mean", "attention"):
+            raise ValueError(f"TangoFluxConfig: text_pooling must be 'mean' or 'attention', got {kw['text_pooling']!r}")
         if kw.get("axes_dims_rope") is not None:
             v = kw["axes_dims_rope"]
             if (not isinstance(v, (list, tuple)) or not v
@@ -145,10 +150,20 @@ class TangoFluxModel(nn.Module):
         self.text_proj = nn.Linear(cfg.text_dim, cfg.joint_attention_dim)  # release: fc.0 (+ ReLU)
         self.duration_embed = DurationEmbedding(cfg.text_dim, cfg.max_duration, cfg.duration_features)
         self.transformer = FluxTransformer(cfg.transformer_config())
+        if cfg.text_pooling not in ("mean", "attention"):
+            raise ValueError(f"TangoFluxModel: text_pooling must be 'mean' or 'attention', got {cfg.text_pooling!r}")
+        if cfg.text_pooling == "attention":
+            self.pool_query = nn.Parameter(torch.zeros(cfg.text_dim))
 
     # ------------------------------------------------------------------ conditioning
     def pooled_text(self, text_states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """``relu(text_proj(mean of the unmasked states))``: [B, L, D], [B, L] -> [B, D]."""
+        """``relu(text_proj(mean of the unmasked states))``: [B, L, D], [B, L] -> [B, D]; with
+        ``text_pooling="attention"`` a softmax-weighted mean (scores: states . pool_query / sqrt(D))."""
+        if self.config.text_pooling == "attention":
+            scores = (text_states.float() @ self.pool_query.float()) / text_states.shape[-1] ** 0.5
+            weights = torch.softmax(scores.masked_fill(~text_mask, float("-inf")), dim=1)
+            pooled = (weights[..., None] * text_states.float()).sum(1)
+            return torch.relu(self.text_proj(pooled.to(self.text_proj.weight.dtype)))
         m = text_mask.to(text_states.dtype)[..., None]
         count = m.sum(1)
         mean = (text_states * m).sum(1) / count  # the release's nanmean with padding set to NaN

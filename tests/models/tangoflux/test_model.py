@@ -172,3 +172,28 @@ def test_bad_inputs(release):
         ours.velocity(**{**x, "text_mask": empty})
     with pytest.raises(TypeError, match="latents"):
         ours.velocity(**{**x, "latents": [1.0]})
+
+
+def test_attention_text_pooling():
+    """text_pooling="attention": zero query at init = the mean over unmasked tokens; a query that
+    matches one token's state pools (nearly) that token; padding never counts; bad names raise."""
+    cfg = TangoFluxConfig(**{**TINY_MODEL, "text_pooling": "attention"})
+    torch.manual_seed(0)
+    model = TangoFluxModel(cfg).eval()
+    mean_model = TangoFluxModel(TangoFluxConfig(**TINY_MODEL)).eval()
+    mean_model.load_state_dict(model.state_dict(), strict=False)
+    assert "pool_query" in dict(model.named_parameters()) and "pool_query" not in dict(mean_model.named_parameters())
+    states = torch.randn(2, 5, cfg.text_dim)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.pooled_text(states, mask), mean_model.pooled_text(states, mask))
+        model.pool_query.copy_(states[1, 2] * 50)  # item 1's third token dominates its softmax
+        want = torch.relu(model.text_proj(states[1, 2]))
+        torch.testing.assert_close(model.pooled_text(states, mask)[1], want, rtol=1e-4, atol=1e-4)
+        padded = states.clone()
+        padded[1, 3:] = 1e4  # padding may hold anything
+        torch.testing.assert_close(model.pooled_text(padded, mask), model.pooled_text(states, mask))
+    with pytest.raises(ValueError, match="text_pooling"):
+        TangoFluxConfig.from_config_dict({**TINY_MODEL, "text_pooling": "max"})
+    with pytest.raises(ValueError, match="text_pooling"):
+        TangoFluxModel(TangoFluxConfig(**{**TINY_MODEL, "text_pooling": "max"}))
