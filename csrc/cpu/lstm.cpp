@@ -11,8 +11,8 @@
 // EnCodec's H = 512) that depends on the previous step, so the layer is bound by how fast the
 // weights stream in, T times. Here the hidden units are split into blocks of 16 and the blocks
 // among the threads of one OpenMP team; each thread packs the w_hh rows of its own units once
-// per call ([block][input][gate][16 units], the order the loop reads them) into memory it
-// touches first, so its share stays in its own L2 cache across steps (2 MB per thread for
+// per call ([block][input][gate][16 units], the order the loop reads them) and is the only one
+// to read them, so its share stays in its own L2 cache across steps (2 MB per thread for
 // H = 512 on 2 threads) instead of coming from L3 every step. Threads exchange h_t through a
 // double buffer with one barrier per step. The sum over the H inputs runs in a fixed order (even
 // and odd inputs apart, then added), so results differ from a BLAS product by fp32 rounding only.

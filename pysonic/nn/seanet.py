@@ -197,7 +197,6 @@ class SConv1d(_NormConvBase):
             y = self.norm(y)
         return y
 
-
     def _conv_one_channel(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """A 1-channel input (the waveform into EnCodec's first conv) as one matrix product of
         the overlapping windows (a strided view) with the kernel, written straight in
