@@ -13,8 +13,10 @@
 //   distance; only those candidates (usually one to three) get their exact distance
 //   sum_i (r_i - c_i)^2 computed in fp32, and the smallest exact distance wins, lowest index on
 //   ties. So the result is the exact-difference argmin up to fp32 summation order, while almost
-//   all the arithmetic runs in the matrix unit. Non-finite or huge values fall back to exact
-//   distances for every code of the level.
+//   all the arithmetic runs in the matrix unit. Rows that keep many candidates (a residual much
+//   longer than the level's codes) get every exact distance from a transposed copy of the level
+//   instead (dense_distances). Non-finite or huge values fall back to exact distances for every
+//   code of the level.
 //   Parallel over blocks of up to kMaxRows rows; each thread carries its rows through all levels.
 //
 // rvq_decode(codes [B,T,n_q] int32/int64, codebooks [L,K,D]) -> [B,T,D] (codebooks' dtype)
@@ -30,6 +32,8 @@
 #include <cstdint>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "cpu/vec_utils.h"
@@ -42,7 +46,8 @@ constexpr int64_t kGroupRows = 128;  // rows a thread carries through the levels
 constexpr int64_t kCodeBlock = 64;  // codes per matrix-product call (N; oneDNN packs B in blocks of <= 64)
 constexpr int64_t kCodeAlign = Vec::size();
 constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr float kHuge = 1e18f;  // |r|, |c| above this: products may overflow -> exact path
+constexpr float kHuge = 1e18f;
+constexpr int64_t kDenseMin = 64;  // a row is dense (see dense_distances) above max(kDenseMin, K / 8) candidates  // |r|, |c| above this: products may overflow -> exact path
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -279,11 +284,14 @@ void screen_scores(const Prepared& p, int64_t level, int64_t mb, const void* a, 
 }
 
 // Screens one row given its scores s[0..Kp): appends to `cand` (in increasing order) every code
-// that may be the exact-distance minimiser, prefetching their rows. Returns false when screening
-// is unsafe for this row (non-finite or huge residual): the caller scans all codes exactly.
+// that may be the exact-distance minimiser, prefetching their rows (kCandidates). kDense: more
+// than dense_above codes may be, none appended (see dense_distances). kUnsafe: screening is
+// unsafe for this row (non-finite or huge residual): the caller scans all codes exactly.
+enum class Screen { kUnsafe, kCandidates, kDense };
+
 template <typename T>
-bool screen_row(const Prepared& p, int64_t level, const float* r, const float* s, const T* book,
-                std::vector<int32_t>& cand) {
+Screen screen_row(const Prepared& p, int64_t level, const float* r, const float* s, const T* book,
+                  int64_t dense_above, std::vector<int32_t>& cand) {
   const int64_t Kp = p.Kp, D = p.D;
   const float* n_hi = p.coef.data_ptr<float>() + level * 3 * Kp;
   const float* n_lo = n_hi + Kp;
@@ -293,7 +301,7 @@ bool screen_row(const Prepared& p, int64_t level, const float* r, const float* s
   const float sqrt_d = std::sqrt(static_cast<float>(D));
   // The additive terms cover operands and partial sums flushed to zero (denormals, ~1.2e-38).
   const float R = std::sqrt(rr) * (1.f + p.eps_exact) + 1e-30f * (1.f + sqrt_d);
-  if (!std::isfinite(R) || R > kHuge) return false;
+  if (!std::isfinite(R) || R > kHuge) return Screen::kUnsafe;
   const float tau = 2.4e-38f * ((1.f + sqrt_d) * (1.f + R) + static_cast<float>(D));
   // Upper bound of every code's distance (minus |r|^2); the best one is U. Everything here is
   // finite (norms checked per level, |r| and |c| <= 1e18), so a plain min is enough; four
@@ -314,11 +322,18 @@ bool screen_row(const Prepared& p, int64_t level, const float* r, const float* s
   for (; k < Kp; k += V) m0 = at::vec::clamp_max(hi(k), m0);
   Vec vmin = at::vec::clamp_max(at::vec::clamp_max(m0, m1), at::vec::clamp_max(m2, m3));
   const float U = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::clamp_max(a, b); }, vmin);
-  if (!std::isfinite(U)) return false;
+  if (!std::isfinite(U)) return Screen::kUnsafe;
   // The exact minimiser's lower bound is below U; widen by an exact distance's own rounding
   // (the exact distances, not the real ones, decide) and a tiny absolute term (flushed denormals).
   const float thr = U + 2.f * p.eps_exact * (rr + std::abs(U)) + 2.f * tau;
   const Vec vthr(thr);
+  // Count first: a dense row (more than dense_above candidates) is decided by dense_distances.
+  int64_t count = 0;
+  for (k = 0; k < Kp; k += V) {
+    const Vec lo = Vec::loadu(n_lo + k) - two * Vec::loadu(s + k) - vR * Vec::loadu(w + k);
+    count += __builtin_popcount(~(lo <= vthr).zero_mask() & ((1 << V) - 1));
+  }
+  if (count > dense_above) return Screen::kDense;
   const size_t first = cand.size();
   for (k = 0; k < Kp; k += V) {
     const Vec lo = Vec::loadu(n_lo + k) - two * Vec::loadu(s + k) - vR * Vec::loadu(w + k);
@@ -330,12 +345,114 @@ bool screen_row(const Prepared& p, int64_t level, const float* r, const float* s
       cand.push_back(static_cast<int32_t>(k + lane));
     }
   }
-  if (cand.size() == first) return false;  // cannot happen with a correct bound; stay safe
+  if (cand.size() == first) return Screen::kUnsafe;  // cannot happen with a correct bound; stay safe
   for (size_t c = first; c < cand.size(); ++c) {
     const char* row = reinterpret_cast<const char*>(book + cand[c] * D);
     for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(row + off, 0, 2);
   }
-  return true;
+  return Screen::kCandidates;
+}
+
+// Dense rows: when screening keeps many codes (a residual much longer than the level's codes,
+// e.g. deep levels of an untrained model: the exact distances then differ by little more than
+// their own rounding), every code's exact distance is computed from a transposed fp32 copy of
+// the level, [D][Kp], 64 codes per pass with no horizontal sums: ~3x faster than one candidate
+// at a time. Exact distances in another summation order, so the same contract.
+
+// bt [D][Kp] = the level's codes transposed, fp32, zero columns past K; in 16 x 16 tiles.
+template <typename T>
+void transpose_level(const T* book, int64_t K, int64_t D, int64_t Kp, float* bt) {
+  constexpr int64_t kTile = 16;
+  std::fill(bt, bt + D * Kp, 0.f);
+  for (int64_t k0 = 0; k0 < K; k0 += kTile)
+    for (int64_t i0 = 0; i0 < D; i0 += kTile) {
+      const int64_t k1 = std::min(K, k0 + kTile), i1 = std::min(D, i0 + kTile);
+      for (int64_t k = k0; k < k1; ++k)
+        for (int64_t i = i0; i < i1; ++i) bt[i * Kp + k] = static_cast<float>(book[k * D + i]);
+    }
+}
+
+// The transposed levels that have dense rows, each built once per call by whichever thread
+// needs it first.
+class TransposedLevels {
+ public:
+  TransposedLevels(int64_t n_q, int64_t D, int64_t Kp) : D_(D), Kp_(Kp), once_(new std::once_flag[n_q]), bt_(n_q) {}
+
+  template <typename T>
+  const float* get(int64_t level, const T* book, int64_t K) {
+    std::call_once(once_[level], [&] {
+      bt_[level].resize(D_ * Kp_);
+      transpose_level(book, K, D_, Kp_, bt_[level].data());
+    });
+    return bt_[level].data();
+  }
+
+ private:
+  int64_t D_, Kp_;
+  std::unique_ptr<std::once_flag[]> once_;
+  std::vector<std::vector<float>> bt_;
+};
+
+// Exact distances of up to kDenseRows rows rs[q] to every code of bt [D][Kp]: dist[q * Kp + k].
+// Four rows share each load of the codes (the transposed level streams from L2 once per four
+// rows), 64 codes per pass.
+constexpr int64_t kDenseRows = 4;
+
+template <int NR, int NV>
+inline void dense_block(const float* const* rs, const float* bt, int64_t k0, int64_t Kp, int64_t D, float* dist) {
+  constexpr int64_t V = Vec::size();
+  Vec a[NR][NV];
+  for (auto& row : a)
+    for (auto& v : row) v = Vec(0.f);
+  const float* c = bt + k0;
+  for (int64_t i = 0; i < D; ++i, c += Kp) {
+    Vec cv[NV];
+    for (int j = 0; j < NV; ++j) cv[j] = Vec::loadu(c + j * V);
+    for (int q = 0; q < NR; ++q) {
+      const Vec ri(rs[q][i]);
+      for (int j = 0; j < NV; ++j) {
+        const Vec d = ri - cv[j];
+        a[q][j] = at::vec::fmadd(d, d, a[q][j]);
+      }
+    }
+  }
+  for (int q = 0; q < NR; ++q)
+    for (int j = 0; j < NV; ++j) a[q][j].store(dist + q * Kp + k0 + j * V);
+}
+
+template <int NR>
+inline void dense_rows_distances(const float* const* rs, const float* bt, int64_t Kp, int64_t D, float* dist) {
+  constexpr int64_t V = Vec::size();
+  int64_t k0 = 0;
+  for (; k0 + 4 * V <= Kp; k0 += 4 * V) dense_block<NR, 4>(rs, bt, k0, Kp, D, dist);
+  for (; k0 < Kp; k0 += V) dense_block<NR, 1>(rs, bt, k0, Kp, D, dist);  // Kp is a multiple of V
+}
+
+inline void dense_distances(const float* const* rs, int64_t nr, const float* bt, int64_t Kp, int64_t D,
+                            float* dist) {
+  switch (nr) {
+    case 1: dense_rows_distances<1>(rs, bt, Kp, D, dist); break;
+    case 2: dense_rows_distances<2>(rs, bt, Kp, D, dist); break;
+    case 3: dense_rows_distances<3>(rs, bt, Kp, D, dist); break;
+    default: dense_rows_distances<4>(rs, bt, Kp, D, dist); break;
+  }
+}
+
+// Lowest index of the minimum of d[0..K) (finite values): the minimum by vectors, then its first
+// occurrence.
+inline int64_t lowest_argmin(const float* d, int64_t K) {
+  constexpr int64_t V = Vec::size();
+  float best = d[0];
+  int64_t k = 0;
+  if (K >= V) {
+    Vec m = Vec::loadu(d);
+    for (k = V; k + V <= K; k += V) m = at::vec::minimum(m, Vec::loadu(d + k));
+    best = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::minimum(a, b); }, m);
+  }
+  for (; k < K; ++k) best = std::min(best, d[k]);
+  int64_t idx = 0;
+  while (d[idx] != best) ++idx;
+  return idx;
 }
 
 template <typename T>
@@ -356,11 +473,15 @@ void rvq_encode_kernel(const at::Tensor& x, const T* books, int64_t K, int64_t n
   // level-major over a group (a group is one block at the default sizes: larger groups, which
   // keep one level's codebook hot for more rows, measured no faster here).
   const int64_t group = std::max<int64_t>(1, kGroupRows / mb);
+  TransposedLevels transposed(n_q, D, Kp);
   at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> res(group * mb * Dp), scores(mb * Kp);
     std::vector<c10::BFloat16> abf(p.amx ? mb * Dp : 0);
     std::vector<int32_t> cand;
     std::vector<int64_t> cbeg(mb), cend(mb);
+    std::vector<float> dist(kDenseRows * Kp);  // dense rows: every code's distance
+    std::vector<int64_t> dense_rows;
+    const int64_t dense_above = std::max<int64_t>(kDenseMin, K / 8);
     for (int64_t g0 = begin; g0 < end; g0 += group) {
       const int64_t g1 = std::min(end, g0 + group);
       std::fill(res.begin(), res.end(), 0.f);
@@ -389,15 +510,19 @@ void rvq_encode_kernel(const at::Tensor& x, const T* books, int64_t K, int64_t n
             screen_scores(p, l, mb, a, scores.data());
           }
           // Pass 1: candidates of every row (their rows prefetched while the others screen).
-          // No candidates (screening unsafe for the row) means: scan all codes exactly.
+          // No candidates (screening unsafe for the row) means: scan all codes exactly; dense
+          // rows (cend -1) get every exact distance at the end.
           cand.clear();
           for (int64_t m = 0; m < m_valid; ++m) {
             cbeg[m] = static_cast<int64_t>(cand.size());
-            if (screen) screen_row(p, l, rb + m * Dp, scores.data() + m * Kp, book, cand);
-            cend[m] = static_cast<int64_t>(cand.size());
+            const Screen how = screen ? screen_row(p, l, rb + m * Dp, scores.data() + m * Kp, book, dense_above, cand)
+                                      : Screen::kUnsafe;
+            if (how == Screen::kDense) dense_rows.push_back(m);  // decided after the others
+            cend[m] = how == Screen::kDense ? -1 : static_cast<int64_t>(cand.size());
           }
           // Pass 2: exact distances of the candidates decide; update the residuals.
           for (int64_t m = 0; m < m_valid; ++m) {
+            if (cend[m] < 0) continue;  // a dense row: below, four at a time
             float* r = rb + m * Dp;
             int64_t code = -1;
             float best = kInf;
@@ -412,6 +537,20 @@ void rvq_encode_kernel(const at::Tensor& x, const T* books, int64_t K, int64_t n
             codes[(row0 + m) * n_q + l] = code;
             sub_row(r, book + code * D, D);
           }
+          const float* book_t = dense_rows.empty() ? nullptr : transposed.get(l, book, K);
+          for (size_t q0 = 0; q0 < dense_rows.size(); q0 += kDenseRows) {
+            const int64_t nr = std::min<int64_t>(kDenseRows, static_cast<int64_t>(dense_rows.size() - q0));
+            const float* rs[kDenseRows];
+            for (int64_t q = 0; q < nr; ++q) rs[q] = rb + dense_rows[q0 + q] * Dp;
+            dense_distances(rs, nr, book_t, Kp, D, dist.data());
+            for (int64_t q = 0; q < nr; ++q) {
+              const int64_t m = dense_rows[q0 + q];
+              const int64_t code = lowest_argmin(dist.data() + q * Kp, K);
+              codes[(row0 + m) * n_q + l] = code;
+              sub_row(rb + m * Dp, book + code * D, D);
+            }
+          }
+          dense_rows.clear();
         }
       }
     }

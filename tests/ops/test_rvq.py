@@ -128,6 +128,28 @@ def test_encode_clustered_codebook(backend, dtype):
     print(f"rvq_encode[{backend}, {dtype}] clustered: {differ} rows differ from the reference")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", ENC_BACKENDS)
+def test_encode_dense_rows(backend, dtype):
+    # 200 codes 1e-3 apart around one centre: on AMX the bf16 screen keeps every code, so the C++
+    # kernel takes its dense path (all exact distances from a transposed copy of the level, four
+    # rows at a time; K = 200 leaves a 16-code tail, 37 rows a 1-row remainder). Level 1's code
+    # 150 duplicates code 20 and x sits on code 20: an exact tie that must go to the lower index.
+    torch.manual_seed(3)
+    centre = torch.randn(1, 1, 24)
+    codebooks = centre + 1e-3 * torch.randn(2, 200, 24)
+    x = centre + 2e-3 * torch.randn(1, 37, 24)
+    x, codebooks = x.to(dtype), codebooks.to(dtype)
+    codes = ops.rvq_encode(x, codebooks, backend=backend)
+    _check_encode(codes, x, codebooks, 2)
+    codebooks[0, :, :] = 0  # level 0 picks code 0 and leaves x as it is
+    codebooks[1] = (centre + 1e-3 * torch.randn(200, 24)).to(dtype)
+    codebooks[1, 150] = codebooks[1, 20]
+    x = (codebooks[1, 20].float() + 1e-6 * torch.randn(1, 37, 24)).to(dtype)
+    codes = ops.rvq_encode(x, codebooks, backend=backend)
+    assert (codes[..., 0] == 0).all() and (codes[..., 1] == 20).all(), codes[..., 1]
+
+
 @pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), *ENC_BACKENDS])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_encode_exact_ties_pick_lowest_index(backend, dtype):
