@@ -195,7 +195,18 @@ Prepared prepare(const T* books, int64_t n_q, int64_t K, int64_t D) {
   const double g = (Dp + 4) * std::ldexp(1.0, -24);
   p.a_rc = static_cast<float>(1.05 * (2.0 * (2.0 * u + u * u + g * (1 + u) * (1 + u)) + std::ldexp(1.0, -19)));
   const double a_n = 1.05 * (g + std::ldexp(1.0, -20));
-  p.eps_exact = static_cast<float>(2.0 * (D + 4) * std::ldexp(1.0, -24));
+  // An exact distance (exact_dist) and |r|^2 (sum_squares) are sums of D non-negative terms in
+  // this file's fixed order: vector lanes accumulate ceil(D / 16) terms each, a tree of depth
+  // log2(16) = 4 adds the lanes, a scalar tail adds D % 32 terms one by one (two roundings
+  // each), and each term carries up to 3 roundings (difference, square). So the relative error
+  // is at most gamma_n with n = ceil(D / 16) + 4 + 3 + 2 (D % 32) (+10% for gamma's higher
+  // terms). For D = 128: 15 units of 2^-24, where a bound for an arbitrary order (2 (D + 4))
+  // would be 264: on a residual much longer than the codes that kept nearly every code.
+  const int64_t lanes = Vec::size();
+  int64_t log2_lanes = 0;
+  while ((int64_t{1} << log2_lanes) < lanes) ++log2_lanes;
+  const int64_t n_round = (D + lanes - 1) / lanes + log2_lanes + 3 + 2 * (D % kPair);
+  p.eps_exact = static_cast<float>(1.1 * static_cast<double>(n_round) * std::ldexp(1.0, -24));
 
   std::vector<char> block_ok(n_q * nblocks, 1);
   const bool direct = p.amx && vnni_layout_matches_pack();
