@@ -63,8 +63,11 @@ inline void store_part(T* p, const Vec& v, int64_t n) {
 
 // The packed weights live in 2 MiB-aligned memory backed by transparent huge pages where the
 // kernel allows it: each thread's share (about the size of its L2) is then physically contiguous
-// and spreads evenly over the cache's sets. With 4 KiB pages the physical placement is random,
-// some sets overflow, and a layer took 19-27 ms from call to call instead of a steady ~18 ms.
+// and spreads evenly over the cache's sets. With 4 KiB pages the physical placement is random and
+// some sets overflow: inside EnCodec a layer took 19-27 ms from call to call, ~19 ms with this
+// buffer in the same runs. A share this close to the L2's size stays sensitive to whatever else
+// uses the cache (on this VM, H = 512 ran 19-28 ms per layer across processes and hours while
+// H = 448, 1.5 MB per thread, ran at a steady per-weight cost 25-40% lower).
 // The buffer is kept per calling thread and grows as needed (a fresh huge page costs its zeroing
 // on every call otherwise): 4 MiB for EnCodec's H = 512.
 class HugePageBuffer {
