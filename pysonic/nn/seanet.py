@@ -15,6 +15,7 @@ Padding (Défossez et al. 2022, EnCodec section 3.1, and the reference code):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -484,13 +485,24 @@ class SEANetStream:
     def step(self, x: torch.Tensor) -> torch.Tensor:
         if self.done:
             raise RuntimeError("SEANetStream: step() after flush()")
-        return self._run(self.net.layers, x, final=False)
+        return self._run_outer(x, final=False)
 
     def flush(self) -> torch.Tensor:
         if self.done:
             raise RuntimeError("SEANetStream: flush() called twice")
         self.done = True
-        return self._run(self.net.layers, None, final=True)
+        return self._run_outer(None, final=True)
+
+    def _run_outer(self, x, final: bool):
+        # Without autograd the chunks run in the one-pass inference layout ([B, C, 1, n]
+        # channels-last, see to_2d), on the ELU and LSTM kernels, with the CPU block cache.
+        fast = not torch.is_grad_enabled()
+        if fast and x is not None:
+            x = to_2d(x)
+        device = x.device if x is not None else next(self.net.parameters()).device
+        with block_cache() if fast and device.type == "cpu" else contextlib.nullcontext():
+            y = self._run(self.net.layers, x, final)
+        return to_1d(y) if fast and y is not None else y
 
     # Each module's streaming rule. ``x`` None means "no new input" (flush).
     def _run(self, layers, x, final: bool):
@@ -507,9 +519,10 @@ class SEANetStream:
         if isinstance(m, SLSTM):
             if x is None or x.shape[-1] == 0:
                 return x
-            seq = x.permute(2, 0, 1)
+            seq = (x if x.dim() == 3 else x.squeeze(2)).permute(2, 0, 1)
             y, st["hc"] = m.run(seq, st.get("hc"))
-            return (y + seq).permute(1, 2, 0)
+            y = (y + seq).permute(1, 2, 0)
+            return y if x.dim() == 3 else y.unsqueeze(2).contiguous(memory_format=CL)
         if isinstance(m, SEANetResBlock):
             a = self._run(m.block, x, final)
             b = x if isinstance(m.shortcut, nn.Identity) else self._module(m.shortcut, x, final)
@@ -523,7 +536,9 @@ class SEANetStream:
             st["a"], st["b"] = a[..., n:], b[..., n:]
             return a[..., :n] + b[..., :n]
         if isinstance(m, nn.ELU):
-            return None if x is None else m(x)
+            if x is None:
+                return None
+            return m(x) if torch.is_grad_enabled() else ops.elu(x, m.alpha)
         raise ValueError(f"SEANetStream: cannot stream a {type(m).__name__}")
 
     @staticmethod
@@ -546,26 +561,28 @@ class SEANetStream:
             buf = pad1d(buf, 0, extra_padding(st["seen"], eff, m.stride, total), m.pad_mode)
             st["buf"] = None
             if buf.shape[-1] < eff:
-                return buf[..., :0].new_zeros(buf.shape[0], m.bias.shape[0], 0)
+                return buf.new_zeros(buf.shape[:1] + (m.bias.shape[0],) + buf.shape[2:-1] + (0,))
         n_out = (buf.shape[-1] - eff) // m.stride + 1 if buf.shape[-1] >= eff else 0
         if not final:
             st["buf"] = buf[..., n_out * m.stride :]
         if n_out == 0:
             return None
-        y = F.conv1d(buf[..., : (n_out - 1) * m.stride + eff], m._weight_for(buf), m.bias, m.stride, 0, m.dilation)
-        return y
+        return m._conv(buf[..., : (n_out - 1) * m.stride + eff])
 
     @staticmethod
     def _convtr(m: SConvTranspose1d, x, st: dict, final: bool):
         if x is None or x.shape[-1] == 0:
             return None  # at the end the carried overlap is dropped: it is the one-pass right trim
-        y = F.conv_transpose1d(x, m._weight_for(x), None, m.stride)
+        if x.dim() == 3:
+            y = F.conv_transpose1d(x, m._weight_for(x), None, m.stride)
+        else:
+            y = F.conv_transpose2d(x, m._weight_for(x), None, (1, m.stride))
         tail = st.get("tail")
         if tail is not None:
             y[..., : tail.shape[-1]] += tail
         n = x.shape[-1] * m.stride
         st["tail"] = y[..., n:].clone()
-        return y[..., :n] + m.bias.view(1, -1, 1)
+        return y[..., :n] + m.bias.view((1, -1) + (1,) * (x.dim() - 2))
 
 
 def _cat(a, b):
