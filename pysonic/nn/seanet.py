@@ -506,8 +506,16 @@ class SEANetStream:
 
     # Each module's streaming rule. ``x`` None means "no new input" (flush).
     def _run(self, layers, x, final: bool):
-        for layer in layers:
+        i = 0
+        while i < len(layers):
+            layer, nxt = layers[i], layers[i + 1] if i + 1 < len(layers) else None
+            if isinstance(layer, nn.ELU) and isinstance(nxt, SConv1d) and not torch.is_grad_enabled():
+                # the ELU written straight behind the conv's carried context (no concatenation pass)
+                x = self._conv(nxt, x, self.state.setdefault(id(nxt), {}), final, elu_alpha=layer.alpha)
+                i += 2
+                continue
             x = self._module(layer, x, final)
+            i += 1
         return x
 
     def _module(self, m: nn.Module, x, final: bool):
@@ -542,8 +550,9 @@ class SEANetStream:
         raise ValueError(f"SEANetStream: cannot stream a {type(m).__name__}")
 
     @staticmethod
-    def _conv(m: SConv1d, x, st: dict, final: bool):
-        buf = _cat(st.get("buf"), x)
+    def _conv(m: SConv1d, x, st: dict, final: bool, elu_alpha: float | None = None):
+        """The conv's rule; with ``elu_alpha``, the conv of ``elu(x)``."""
+        buf = _cat(st.get("buf"), x) if elu_alpha is None else _cat_elu(st.get("buf"), x, elu_alpha)
         st["seen"] = st.get("seen", 0) + (0 if x is None else x.shape[-1])
         if buf is None:
             return None
@@ -586,8 +595,27 @@ class SEANetStream:
 
 
 def _cat(a, b):
-    if a is None:
+    """``a`` and ``b`` joined on the last axis; either may be None or empty (no copy then)."""
+    if a is None or (a.shape[-1] == 0 and b is not None):
         return b
-    if b is None:
+    if b is None or b.shape[-1] == 0:
         return a
     return torch.cat([a, b], dim=-1)
+
+
+def _cat_elu(a, b, alpha: float):
+    """``_cat(a, elu(b))``, writing the ELU of ``b`` straight into the result where the layouts
+    allow (the result in ``b``'s channels-last layout, batch 1)."""
+    if b is None:
+        return a
+    if a is None or a.shape[-1] == 0:
+        return ops.elu(b, alpha)
+    out = torch.empty(b.shape[:-1] + (a.shape[-1] + b.shape[-1],), dtype=b.dtype, device=b.device,
+                      memory_format=CL if b.dim() == 4 else torch.contiguous_format)
+    out[..., : a.shape[-1]] = a
+    tail = out[..., a.shape[-1] :]
+    if b.dim() == 4 and b.shape[0] == 1 and b.is_contiguous(memory_format=CL):
+        ops.elu(b, alpha, out=tail)  # dense with b's strides (size-1 dims aside)
+    else:
+        tail.copy_(ops.elu(b, alpha))
+    return out
