@@ -4,7 +4,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include "cpu/block_cache.h"
+#include "block_cache.h"
 
 #ifndef PYSONIC_VERSION
 #define PYSONIC_VERSION "unknown"
@@ -75,13 +75,13 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pysonic compiled kernels; importing this module registers torch.ops.pysonic.*";
   m.def("build_info", &build_info, "Facts about this build: version, CPU ISA, CUDA support.");
-  // The large-block CPU allocator cache; pysonic.runtime.block_cache wraps these.
-  m.def("block_cache_enter", &pysonic::cpu::block_cache_enter, pybind11::arg("min_block_bytes"),
+  // The large-block CPU allocator cache (csrc/block_cache.cpp); pysonic.memory wraps these.
+  m.def("block_cache_enter", &pysonic::memory::block_cache_enter, pybind11::arg("min_block_bytes"),
         pybind11::arg("max_cached_bytes"));
-  m.def("block_cache_exit", &pysonic::cpu::block_cache_exit);
-  m.def("block_cache_release", &pysonic::cpu::block_cache_release);
+  m.def("block_cache_exit", &pysonic::memory::block_cache_exit);
+  m.def("block_cache_release", &pysonic::memory::block_cache_release);
   m.def("block_cache_stats", [] {
-    const auto s = pysonic::cpu::block_cache_stats();
+    const auto s = pysonic::memory::block_cache_stats();
     pybind11::dict d;
     d["cached_bytes"] = s.cached_bytes;
     d["hits"] = s.hits;

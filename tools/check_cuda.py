@@ -9,12 +9,12 @@ Usage: ``python tools/check_cuda.py [--jobs N] [--nvcc PATH] [--link-check] [FIL
 one line per file with its compile time; exits 1 if any file fails (its diagnostics are printed),
 2 if nvcc cannot be found.
 
-``--link-check`` goes one step further: it links the objects with csrc/ops.cpp into a throwaway
-``_C`` module (against torch's CPU libraries and libcudart) and imports it in a subprocess with
-lazy symbol binding (the c10_cuda functions the launchers call are absent from a CPU wheel but are
-never called). Loading runs every ``TORCH_LIBRARY_IMPL(pysonic, CUDA, m)``, so a launcher whose
-C++ signature does not match its schema fails here, as it would on import on a GPU machine; the
-check also asserts that every declared op then has a CUDA kernel.
+``--link-check`` goes one step further: it links the objects with the common sources (csrc/ops.cpp,
+csrc/block_cache.cpp) into a throwaway ``_C`` module (against torch's CPU libraries and libcudart)
+and imports it in a subprocess with lazy symbol binding (the c10_cuda functions the launchers call
+are absent from a CPU wheel but are never called). Loading runs every ``TORCH_LIBRARY_IMPL(pysonic,
+CUDA, m)``, so a launcher whose C++ signature does not match its schema fails here, as it would on
+import on a GPU machine; the check also asserts that every declared op then has a CUDA kernel.
 
 Flags mirror torch's extension build (torch.utils.cpp_extension): its COMMON_NVCC_FLAGS
 (-D__CUDA_NO_HALF_OPERATORS__ ... --expt-relaxed-constexpr), -DTORCH_EXTENSION_NAME=_C,
@@ -42,17 +42,22 @@ ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ("80", "90")
 
 
-def cuda_sources(root: Path = ROOT) -> list[str]:
-    """The ``cuda`` group of csrc/sources.txt, relative to the repo root."""
+def group_sources(group: str, root: Path = ROOT) -> list[str]:
+    """The sources of one group of csrc/sources.txt, relative to the repo root."""
     out = []
     for line in (root / "csrc" / "sources.txt").read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        group, path = line.split()
-        if group == "cuda":
+        kind, path = line.split()
+        if kind == group:
             out.append(path)
     return out
+
+
+def cuda_sources(root: Path = ROOT) -> list[str]:
+    """The ``cuda`` group of csrc/sources.txt, relative to the repo root."""
+    return group_sources("cuda", root)
 
 
 def find_nvcc(explicit: str | None) -> str | None:
@@ -100,7 +105,8 @@ def compile_one(nvcc: str, flags: list[str], src: str, outdir: str) -> tuple[str
 
 
 def link_check(outdir: str, sources: list[str]) -> bool:
-    """Links the CUDA objects with csrc/ops.cpp into a module ``_C`` and loads it lazily."""
+    """Links the CUDA objects with the common sources (csrc/ops.cpp, ...) into a module ``_C``
+    and loads it lazily."""
     from torch.utils import cpp_extension
 
     start = time.monotonic()
@@ -114,7 +120,8 @@ def link_check(outdir: str, sources: list[str]) -> bool:
 
     defines = ["-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DPYSONIC_WITH_CUDA",
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-    ops_obj = os.path.join(outdir, "ops.o")
+    # The "common" group (csrc/ops.cpp and the code it calls outside the kernels).
+    common = [(str(ROOT / src), os.path.join(outdir, "common_" + Path(src).stem + ".o")) for src in group_sources("common")]
     # Data symbols cannot bind lazily: define the one libc10_cuda object the c10/cuda headers'
     # inline code (CUDAGuardImpl) refers to. Only this throwaway module contains it.
     stub_src, stub_obj = os.path.join(outdir, "c10_cuda_stub.cpp"), os.path.join(outdir, "c10_cuda_stub.o")
@@ -125,11 +132,11 @@ def link_check(outdir: str, sources: list[str]) -> bool:
     stub_defines = [] if macros.exists() else ["-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"]
     cuda_inc = cuda_lib.parent / "include"
     steps = [
-        ["c++", "-std=c++20", "-O0", "-fPIC", "-c", str(ROOT / "csrc" / "ops.cpp"), "-o", ops_obj, *defines,
-         *(f"-I{p}" for p in includes)],
+        *(["c++", "-std=c++20", "-O0", "-fPIC", "-c", src, "-o", obj, *defines, *(f"-I{p}" for p in includes)]
+          for src, obj in common),
         ["c++", "-std=c++20", "-O0", "-fPIC", "-c", stub_src, "-o", stub_obj, *defines, *stub_defines,
          f"-I{cuda_inc}", *(f"-I{p}" for p in includes)],
-        ["c++", "-shared", "-o", os.path.join(outdir, "_C.so"), ops_obj, stub_obj,
+        ["c++", "-shared", "-o", os.path.join(outdir, "_C.so"), *(obj for _, obj in common), stub_obj,
          *(os.path.join(outdir, s.replace("/", "_") + ".o") for s in sources),
          *(f"-L{p}" for p in cpp_extension.library_paths()), f"-L{cuda_lib}",
          "-lc10", "-ltorch_cpu", "-ltorch", "-ltorch_python", "-lcudart",

@@ -3,7 +3,7 @@
 
 #include <cstdint>
 
-namespace pysonic::cpu {
+namespace pysonic::memory {
 
 struct BlockCacheStats {
   int64_t cached_bytes;  // held in free blocks, ready for reuse
@@ -22,4 +22,4 @@ void block_cache_exit();
 int64_t block_cache_release();
 BlockCacheStats block_cache_stats();
 
-}  // namespace pysonic::cpu
+}  // namespace pysonic::memory

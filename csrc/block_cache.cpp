@@ -7,7 +7,7 @@
 // blocks are kept when freed and handed out again, like the CUDA caching allocator.
 //
 // Only c10 headers here: this file stays cheap to compile.
-#include "cpu/block_cache.h"
+#include "block_cache.h"
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -19,7 +19,7 @@
 #include <unordered_map>
 #include <vector>
 
-namespace pysonic::cpu {
+namespace pysonic::memory {
 namespace {
 
 constexpr size_t kRound = size_t(1) << 16;  // sizes round up to 64 KiB: repeated shapes reuse
@@ -171,4 +171,4 @@ int64_t block_cache_release() { return BlockCacheAllocator::instance().release()
 
 BlockCacheStats block_cache_stats() { return BlockCacheAllocator::instance().stats(); }
 
-}  // namespace pysonic::cpu
+}  // namespace pysonic::memory
